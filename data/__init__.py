@@ -1,0 +1,51 @@
+"""Tokenizer, tokenized shards, the stateless sampler and the torch datasets over them.
+
+    from data import open_dataset
+    tokens = open_dataset({"name": "shakespeare", "kind": "text", "source": ..., "val_fraction": 0.1,
+                           "cache_dir": ".cache"})
+    tokens.splits["train"], tokens.splits["val"]    # TokenStreams
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from data.batches import TrainBatches, validation_windows
+from data.sampler import SequenceSampler, step_indices
+from data.shards import DataError, TokenSet, TokenStream, open_token_set, read_meta
+from data.text import check_source, prepare_text_file, text_dataset_dir
+from data.tokenizer import EOT_ID, N_VOCAB, gpt2_tokenizer
+
+KINDS = ("text",)
+
+
+def _check_kind(cfg: Mapping) -> None:
+    if cfg["kind"] not in KINDS:
+        raise DataError(f"data.kind={cfg['kind']!r} is not one of {list(KINDS)}")
+
+
+def dataset_dir(cfg: Mapping) -> Path:
+    """The directory that holds (or will hold) this data config's token shards."""
+    _check_kind(cfg)
+    return text_dataset_dir(Path(cfg["cache_dir"]), cfg["name"], check_source(Path(cfg["source"])), cfg["val_fraction"])
+
+
+def prepare(cfg: Mapping) -> Path:
+    """Tokenize the source into shards: a complete result is reused, a partial or corrupt one rewritten."""
+    _check_kind(cfg)
+    return prepare_text_file(Path(cfg["source"]), dataset_dir(cfg), cfg["name"], cfg["val_fraction"])
+
+
+def open_dataset(cfg: Mapping) -> TokenSet:
+    """The prepared token set, preparing it on first use; a corrupt one is an error, not rewritten
+    behind the user's back (`scripts/prepare_data.py` rewrites it)."""
+    directory = dataset_dir(cfg)
+    if read_meta(directory) is None:
+        prepare(cfg)
+    hint = f"Rewrite it with `python scripts/prepare_data.py data={cfg['name']}`, or delete {directory}."
+    return open_token_set(directory, hint)
+
+
+__all__ = ["DataError", "EOT_ID", "N_VOCAB", "SequenceSampler", "TokenSet", "TokenStream", "TrainBatches",
+           "dataset_dir", "gpt2_tokenizer", "open_dataset", "prepare", "step_indices", "validation_windows"]

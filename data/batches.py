@@ -1,0 +1,54 @@
+"""Torch datasets over a TokenStream: the training micro-batches of one rank, and the fixed
+validation set."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from data.sampler import SequenceSampler, step_indices
+from data.shards import TokenStream
+
+
+class TrainBatches(IterableDataset):
+    """(inputs, targets) micro-batches of shape (micro_batch, seq_len) for one rank, from optimizer
+    step `start_step` on, forever. Set `start_step` before iterating to resume. With several
+    DataLoader workers, worker w produces micro-batches w, w + n, ..., which the DataLoader's
+    round-robin turns back into the original order."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, seqs_per_step: int, micro_batch: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        if (seqs_per_step // world_size) % micro_batch:
+            raise ValueError(f"{seqs_per_step // world_size} sequences per rank do not split into micro-batches of {micro_batch}")
+        self.stream, self.seq_len, self.seqs_per_step, self.micro_batch = stream, seq_len, seqs_per_step, micro_batch
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.start_step = 0
+
+    def micro_batch_indices(self, step: int) -> list[np.ndarray]:
+        indices = step_indices(step, self.seqs_per_step, self.rank, self.world_size)
+        return np.split(indices, len(indices) // self.micro_batch)
+
+    def __iter__(self):
+        sampler = SequenceSampler(len(self.stream), self.seq_len, self.seed)
+        worker = get_worker_info()
+        n_workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        count, step = 0, self.start_step
+        while True:
+            for indices in self.micro_batch_indices(step):
+                if count % n_workers == worker_id:
+                    windows = np.stack([self.stream.window(int(s), self.seq_len + 1) for s in sampler.starts(indices)])
+                    tokens = torch.from_numpy(windows)
+                    yield tokens[:, :-1], tokens[:, 1:]
+                count += 1
+            step += 1
+
+
+def validation_windows(stream: TokenStream, seq_len: int, max_tokens: int) -> torch.Tensor:
+    """The fixed validation set: consecutive, non-overlapping windows of seq_len + 1 tokens over the
+    first `max_tokens` tokens of the split (shape (n, seq_len + 1))."""
+    n_tokens = min(len(stream), max_tokens)
+    n = (n_tokens - 1) // seq_len
+    if n < 1:
+        raise ValueError(f"the validation split ({len(stream)} tokens, eval.tokens={max_tokens}) holds no sequence of {seq_len} + 1 tokens")
+    return torch.from_numpy(np.stack([stream.window(i * seq_len, seq_len + 1) for i in range(n)]))

@@ -1,0 +1,79 @@
+"""A local text file as one document (the embedded Shakespeare corpus), tokenized once.
+
+The whole file is encoded with GPT-2 BPE (`encode_ordinary`, so a literal "<|endoftext|>" in the
+text is not a special token) and one EOT is appended. The last `val_fraction` of the tokens is the
+validation split, the rest the train split: a fixed rule, so every run validates on the same tokens.
+tinyshakespeare.txt: 338,026 tokens with the EOT -> 304,223 train + 33,803 validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from data.shards import FORMAT_VERSION, DataError, read_meta, token_set_problems, write_meta, write_shard
+from data.tokenizer import EOT_ID, RANKS_SHA256, file_sha256, gpt2_tokenizer
+
+
+def text_dataset_dir(cache_dir: Path, name: str, source: Path, val_fraction: float) -> Path:
+    """Where this source, split rule and tokenizer are cached: <cache_dir>/<name>-<fingerprint>."""
+    fingerprint = {
+        "format": FORMAT_VERSION,
+        "source_sha256": file_sha256(source),
+        "tokenizer_sha256": RANKS_SHA256,
+        "val_fraction": val_fraction,
+    }
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(cache_dir) / f"{name}-{digest}"
+
+
+def check_source(source: Path) -> Path:
+    source = Path(source)
+    if not source.is_file():
+        raise DataError(f"data.source={source} does not exist (expected a UTF-8 text file)")
+    return source
+
+
+def prepare_text_file(source: Path, out_dir: Path, name: str, val_fraction: float) -> Path:
+    """Tokenize `source` into out_dir (idempotent: a complete, valid result is reused; a partial or
+    corrupt one is rewritten). Returns out_dir."""
+    source = check_source(source)
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"data.val_fraction={val_fraction} must be in (0, 1)")
+    out_dir = Path(out_dir)
+    try:
+        meta = read_meta(out_dir)
+    except DataError:
+        meta = None
+    if meta is not None and not token_set_problems(out_dir, meta):
+        return out_dir
+    try:
+        text = source.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data.source={source} is not UTF-8 text ({e})") from None
+    tokens = np.array(gpt2_tokenizer().encode_ordinary(text) + [EOT_ID], dtype=np.uint16)
+    n_val = max(1, round(len(tokens) * val_fraction))
+    splits = {"train": tokens[:-n_val], "val": tokens[-n_val:]}
+    meta = {
+        "format": "muonlab-tokens",
+        "version": FORMAT_VERSION,
+        "name": name,
+        "tokenizer": "gpt2",
+        "tokenizer_sha256": RANKS_SHA256,
+        "eot_id": EOT_ID,
+        "eot_placement": "append",
+        "dtype": "uint16",
+        "source": {"kind": "text", "path": str(source), "sha256": file_sha256(source), "documents": 1},
+        "validation_rule": f"the last {val_fraction} of the tokens (one document: the whole file)",
+        "seed": None,
+        "splits": {},
+    }
+    for split, split_tokens in splits.items():
+        file = f"{split}_000000.bin"
+        write_shard(out_dir / file, split_tokens)
+        meta["splits"][split] = {"tokens": int(len(split_tokens)), "shards": [{"file": file, "tokens": int(len(split_tokens))}]}
+    write_meta(out_dir, meta)
+    return out_dir
