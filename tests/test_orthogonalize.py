@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from optim.orthogonalize import COEFFICIENTS, Orthogonalizer, newton_schulz, polar_svd
+
+
+def random_matrix(m, n, seed=0, dtype=torch.float64):
+    return torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def singular_values(X):
+    return torch.linalg.svdvals(X.double())
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (24, 12), (12, 24)])
+def test_polar_svd_is_orthogonal_and_aligned(shape):
+    X = random_matrix(*shape)
+    P = polar_svd(X)
+    assert torch.allclose(singular_values(P), torch.ones(min(shape), dtype=torch.float64), atol=1e-12)
+    # polar(X) maximises <O, X> over orthogonal O: the value is the nuclear norm
+    assert torch.isclose((P * X).sum(), singular_values(X).sum(), rtol=1e-12)
+
+
+def test_polar_svd_of_rank_deficient_matrix_keeps_zero_singular_values():
+    X = random_matrix(10, 3) @ random_matrix(3, 8, seed=1)
+    s = singular_values(polar_svd(X))
+    assert torch.allclose(s[:3], torch.ones(3, dtype=torch.float64), atol=1e-10) and s[3:].max() < 1e-10
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (48, 16), (16, 48)])
+def test_convergent_coefficients_reach_the_polar_factor_in_float64(shape):
+    X = random_matrix(*shape, seed=2)
+    X = X / singular_values(X).max() * 0.999  # keep every σ inside the basin after Frobenius scaling
+    out = newton_schulz(X, steps=40, coefficients="convergent", dtype=torch.float64)
+    assert (out - polar_svd(X)).abs().max() < 1e-8
+
+
+def test_keller_jordan_quintic_spectrum_band():
+    X = random_matrix(64, 32, seed=3)
+    s = singular_values(newton_schulz(X, steps=5, coefficients="kj", dtype=torch.float64))
+    assert 0.6 < s.min() and s.max() < 1.25  # ~Uniform(0.5, 1.5) per Keller Jordan; [0.68, 1.13] measured
+
+
+def test_polar_express_is_closer_to_polar_than_kj_at_five_steps():
+    X = random_matrix(64, 64, seed=4)
+    P = polar_svd(X)
+    err = {name: (newton_schulz(X, 5, name, torch.float64, norm="add") - P).norm() / P.norm() for name in ("kj", "polar_express")}
+    assert err["polar_express"] < err["kj"]
+
+
+def test_tall_input_is_the_transpose_of_the_wide_one():
+    X = random_matrix(40, 10, seed=5)
+    assert torch.allclose(newton_schulz(X, dtype=torch.float64), newton_schulz(X.T, dtype=torch.float64).T, atol=1e-14)
+
+
+def test_scale_invariance_and_zero_input():
+    X = random_matrix(20, 30, seed=6)
+    assert torch.allclose(newton_schulz(X, dtype=torch.float64), newton_schulz(1e3 * X, dtype=torch.float64), atol=1e-12)
+    assert newton_schulz(torch.zeros(5, 7), dtype=torch.float32).abs().max() == 0
+
+
+def test_batched_call_equals_one_matrix_at_a_time():
+    stack = torch.stack([random_matrix(12, 20, seed=s) for s in range(4)])
+    batched = newton_schulz(stack, dtype=torch.float64)
+    for i in range(4):
+        assert torch.allclose(batched[i], newton_schulz(stack[i], dtype=torch.float64), atol=1e-14)
+
+
+def test_apply_all_groups_same_shapes_and_keeps_order():
+    orth = Orthogonalizer(dtype="float64")
+    matrices = [random_matrix(8, 4, seed=0), random_matrix(6, 6, seed=1), random_matrix(8, 4, seed=2)]
+    assert all(torch.allclose(a, orth(m), atol=1e-14) for a, m in zip(orth.apply_all(matrices), matrices))
+
+
+def test_compute_dtype_auto_is_float32_on_cpu():
+    assert newton_schulz(random_matrix(4, 4, dtype=torch.float64)).dtype == torch.float32
+
+
+def test_norm_conventions_differ_only_by_eps():
+    X = random_matrix(8, 8, seed=7)
+    clamp = newton_schulz(X, dtype=torch.float64, norm="clamp")
+    add = newton_schulz(X, dtype=torch.float64, norm="add")
+    assert 0 < (clamp - add).abs().max() < 1e-6
+
+
+def test_bad_settings_name_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown Newton–Schulz coefficient set 'kjj'; valid: \['convergent', 'kj', 'polar_express'\]"):
+        Orthogonalizer(coefficients="kjj")
+    with pytest.raises(ValueError, match="unknown orthogonalizer 'qr'"):
+        Orthogonalizer(method="qr")
+    with pytest.raises(ValueError, match="unknown compute dtype 'fp8'"):
+        Orthogonalizer(dtype="fp8")
+    assert Orthogonalizer(coefficients=(1.5, -0.5, 0.0)).coefficients == ((1.5, -0.5, 0.0),)
+    assert len(COEFFICIENTS["polar_express"]) == 5
