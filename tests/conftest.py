@@ -1,0 +1,47 @@
+"""Shared fixtures: configs composed from the real tree, shrunk to a tiny model and short runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny GPT-2 on Shakespeare: 128-token steps of 2 accumulated micro-batches, 20 steps.
+TINY = [
+    "model=gpt2_tiny", "data.seq_len=32", "data.micro_batch=2", "data.batch_tokens=128",
+    "budget.tokens=2560", "eval.every_tokens=640", "eval.tokens=1024", "checkpoint.every_tokens=640",
+    "callbacks=none",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One tokenized Shakespeare for the whole session."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def make_cfg(tmp_path, cache_dir):
+    """make_cfg(*overrides) -> the composed config of a tiny run in a fresh run dir."""
+    from trainer.config import compose
+
+    def make(*overrides: str, run_dir: Path | None = None):
+        run_dir = run_dir or tmp_path / "run"
+        return compose(TINY + [f"run_dir={run_dir}", f"paths.cache_dir={cache_dir}", *overrides])
+
+    return make
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a command-line entry point of the repository (train.py, scripts/...) as a user would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)

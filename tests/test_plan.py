@@ -1,0 +1,51 @@
+import pytest
+
+from trainer.errors import ConfigError
+from trainer.plan import make_plan
+
+
+def test_default_run_plan(make_cfg):
+    from trainer.config import compose
+
+    plan = make_plan(compose([]), world_size=1)
+    assert (plan.seq_len, plan.micro_batch, plan.tokens_per_step, plan.accumulation) == (128, 8, 1024, 1)
+    assert plan.total_steps == 292 and plan.budget_tokens == 299_008
+
+
+def test_accumulation_is_derived_from_the_global_batch(make_cfg):
+    plan = make_plan(make_cfg("data.batch_tokens=512", "data.micro_batch=4", "data.seq_len=32"), world_size=2)
+    assert plan.accumulation == 2  # 512 / (4 x 32 x 2)
+    assert plan.seqs_per_step == 16
+
+
+def test_eval_and_checkpoint_fire_on_crossing_multiples(make_cfg):
+    plan = make_plan(make_cfg("eval.every_tokens=300", "checkpoint.every_tokens=1000"), world_size=1)
+    evals = [plan.tokens_at(s) for s in range(1, plan.total_steps + 1) if plan.eval_due(s)]
+    assert evals == [384, 640, 1024, 1280, 1536, 1920, 2176, 2432, 2560]
+    ckpts = [plan.tokens_at(s) for s in range(1, plan.total_steps + 1) if plan.checkpoint_due(s)]
+    assert ckpts == [1024, 2048, 2560]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.n_head=3"], "model.n_embd=64 is not divisible by model.n_head=3 (valid n_head for this width: [1, 2, 4, 8, 16, 32, 64])"),
+    (["data.batch_tokens=1000"], "data.batch_tokens=1000 is not divisible by data.micro_batch x data.seq_len x world size = 2 x 32 x 1 = 64 (valid nearby: 960, 1024)"),
+    (["budget.tokens=100"], "budget.tokens=100 is smaller than one optimizer step of data.batch_tokens=128 tokens"),
+    (["data.seq_len=256", "data.batch_tokens=512"], "data.seq_len=256 is longer than the model's context of 128 tokens"),
+    (["schedule.warmup=2"], "schedule.warmup=2 must be a fraction of the budget in [0, 1)"),
+    (["eval.tokens=10"], "eval.tokens=10 must hold at least one sequence of data.seq_len + 1 = 33 tokens"),
+])
+def test_bad_config_messages(make_cfg, overrides, message):
+    with pytest.raises(ConfigError) as error:
+        make_plan(make_cfg(*overrides), world_size=1)
+    assert message in str(error.value)
+
+
+def test_all_problems_are_reported_together(make_cfg):
+    with pytest.raises(ConfigError) as error:
+        make_plan(make_cfg("model.n_head=3", "budget.tokens=100"), world_size=1)
+    assert "n_head=3" in str(error.value) and "budget.tokens=100" in str(error.value)
+
+
+def test_world_size_enters_the_divisibility_check(make_cfg):
+    with pytest.raises(ConfigError, match=r"2 x 32 x 4 = 256"):
+        make_plan(make_cfg(), world_size=4)

@@ -1,0 +1,74 @@
+"""End-to-end runs through the command line (`make test-slow`; CI runs them too)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, TINY, run_cli
+from trainer.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_run(tmp_path):
+    """`python train.py` as the README's first command runs it: Muon, gpt2_mini, Shakespeare."""
+    result = run_cli("train.py", f"run_dir={tmp_path / 'run'}", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert len(rows) == 292 and rows[-1]["tokens"] == 299_008
+    assert rows[-1]["val_loss"] < 5.2  # 4.83 measured; the first eval (40k tokens) is ~6.4
+    assert f"run dir: {tmp_path / 'run'}" in result.stdout and "final val loss" in result.stdout
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+    assert "optim: muon" in (tmp_path / "run" / ".hydra" / "hydra.yaml").read_text()
+
+
+def test_killed_run_resumes_with_the_same_metrics(tmp_path, cache_dir):
+    """SIGKILL mid-run (no chance to clean up), rerun the same command: same rows as an unbroken run."""
+    args = [*TINY, "budget.tokens=6400", "checkpoint.every_tokens=1280", "eval.every_tokens=1280",
+            f"paths.cache_dir={cache_dir}"]
+    straight = run_cli("train.py", *args, f"run_dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "train.py", *args, f"run_dir={run_dir}"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        csv = run_dir / "metrics.csv"
+        if csv.is_file() and len(csv.read_text().splitlines()) > 1 + 27:  # past the checkpoint at step 20
+            break
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert len(read_metrics(run_dir / "metrics.csv")) < 50
+    resumed = run_cli("train.py", *args, f"run_dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout
+    a, b = read_metrics(tmp_path / "straight" / "metrics.csv"), read_metrics(run_dir / "metrics.csv")
+    assert [r["step"] for r in b] == list(range(1, 51))
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "val_loss", "lr_matrix", "grad_norm"):
+            assert abs(ra.get(key, 0.0) - rb.get(key, 0.0)) <= 1e-6, (ra["step"], key)
+
+
+def test_wandb_offline_and_tensorboard_mirrors_continue_after_resume(tmp_path, cache_dir):
+    args = [*TINY, "logger=[wandb,tensorboard]", f"paths.cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}"]
+    first = run_cli("train.py", *args, "budget.tokens=1280", "resume=true", env={"WANDB_MODE": "offline"})
+    assert first.returncode == 0, first.stderr[-2000:]
+    run_id = (tmp_path / "run" / "wandb_id.txt").read_text().strip()
+    assert len(list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))) == 1
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert not (ROOT / "wandb").exists() or (ROOT / "wandb").stat().st_mtime < time.time() - 3600
+
+
+def test_multirun_sweep_gives_one_run_dir_per_job(tmp_path, cache_dir):
+    result = run_cli("train.py", "-m", *TINY, "budget.tokens=640", "optim=adamw,muon", f"paths.cache_dir={cache_dir}",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for job, optim in (("0", "adamw"), ("1", "muon")):
+        assert len(read_metrics(tmp_path / "sweep" / job / "metrics.csv")) == 5
+        assert f"optim: {optim}" in (tmp_path / "sweep" / job / ".hydra" / "hydra.yaml").read_text()

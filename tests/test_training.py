@@ -1,0 +1,143 @@
+"""End-to-end runs of a tiny GPT-2 in-process: eval cadence, metrics.csv, resume, failures."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from trainer.checkpoint import last_checkpoint_path, read_checkpoint_meta
+from trainer.errors import CheckpointError, NonFiniteLossError
+from trainer.metrics import read_metrics
+from trainer.run import run
+
+
+class CrashAt(L.Callback):
+    """Simulates a killed job: raises once optimizer step `step` is done (its row written)."""
+
+    class Crash(Exception):
+        pass
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise CrashAt.Crash(self.step)
+
+
+class PoisonWeightsAt(L.Callback):
+    """Sets one weight to NaN before the first micro-batch of step `step`."""
+
+    def __init__(self, step):
+        self.step, self.done = step, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step - 1 and not self.done:
+            with torch.no_grad():
+                pl_module.model.blocks[0].mlp.fc.weight[0, 0] = float("nan")
+            self.done = True
+
+
+def rows(run_dir):
+    return read_metrics(run_dir / "metrics.csv")
+
+
+def test_tokens_eval_rows_and_schedule(make_cfg, tmp_path):
+    cfg = make_cfg("eval.every_tokens=300")
+    result = run(cfg)
+    table = rows(tmp_path / "run")
+    assert [r["step"] for r in table] == list(range(1, 21))
+    assert [r["tokens"] for r in table] == [128 * s for s in range(1, 21)]
+    assert [r["tokens"] for r in table if "val_loss" in r] == [384, 640, 1024, 1280, 1536, 1920, 2176, 2432, 2560]
+    assert result.val_loss == table[-1]["val_loss"] and result.tokens == 2560
+    assert {"lr_matrix", "lr_embedding", "lr_vector", "grad_norm", "tokens_per_s", "elapsed_s", "train_loss"} <= set(table[0])
+    # the lr of step s is the schedule at the tokens seen at its end, for every group
+    peak, warmup, r = 3e-3, 0.05 * 2560, 0.1
+    for row in table:
+        tau = row["tokens"]
+        factor = tau / warmup if tau <= warmup else r + (1 - r) * 0.5 * (1 + math.cos(math.pi * (tau - warmup) / (2560 - warmup)))
+        assert row["lr_matrix"] == pytest.approx(peak * factor) == row["lr_embedding"] == row["lr_vector"]
+    assert table[-1]["val_loss"] < table[0]["train_loss"] - 1.0  # it learns
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(make_cfg, tmp_path):
+    straight = run(make_cfg(run_dir=tmp_path / "straight"))
+    with pytest.raises(CrashAt.Crash):
+        run(make_cfg(run_dir=tmp_path / "resumed"), callbacks=[CrashAt(12)])
+    assert [r["step"] for r in rows(tmp_path / "resumed")][-1] == 12
+    assert read_checkpoint_meta(last_checkpoint_path(tmp_path / "resumed"))["step"] == 10  # every 640 tokens = 5 steps
+    resumed = run(make_cfg(run_dir=tmp_path / "resumed"))
+    assert resumed.resumed_from_step == 10
+    a, b = rows(tmp_path / "straight"), rows(tmp_path / "resumed")
+    assert [r["step"] for r in b] == list(range(1, 21))  # rows 11-12 of the crashed session were replaced
+    for ra, rb in zip(a, b):
+        for key in ("tokens", "train_loss", "val_loss", "lr_matrix", "lr_embedding", "grad_norm"):
+            assert (key in ra) == (key in rb)
+            if key in ra:
+                assert abs(ra[key] - rb[key]) <= 1e-6, (ra["step"], key)
+    assert abs(straight.val_loss - resumed.val_loss) <= 1e-6
+
+
+def test_rerunning_a_finished_run_changes_nothing(make_cfg, tmp_path):
+    first = run(make_cfg())
+    before = (tmp_path / "run" / "metrics.csv").read_text()
+    again = run(make_cfg())
+    assert again.resumed_from_step == 20 and again.val_loss == first.val_loss
+    assert (tmp_path / "run" / "metrics.csv").read_text() == before
+
+
+def test_gradient_accumulation_matches_one_big_micro_batch(make_cfg, tmp_path):
+    accumulated = run(make_cfg("data.micro_batch=2", run_dir=tmp_path / "a"))  # 2 micro-batches per step
+    single = run(make_cfg("data.micro_batch=4", run_dir=tmp_path / "b"))
+    for ra, rb in zip(rows(tmp_path / "a"), rows(tmp_path / "b")):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
+    assert accumulated.val_loss == pytest.approx(single.val_loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("optim", ["adamw", "muon", "muon_torch"])
+def test_every_optimizer_config_trains(make_cfg, optim):
+    result = run(make_cfg(f"optim={optim}", "budget.tokens=1280"))
+    table = rows(result.run_dir)
+    assert table[-1]["val_loss"] < table[0]["train_loss"] - 0.5
+
+
+def test_llama_trains(make_cfg):
+    result = run(make_cfg("model=llama_tiny", "optim.lr=1e-2", "budget.tokens=1280"))
+    assert rows(result.run_dir)[-1]["val_loss"] < rows(result.run_dir)[0]["train_loss"] - 0.5
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(make_cfg, tmp_path):
+    with pytest.raises(NonFiniteLossError) as error:
+        run(make_cfg(), callbacks=[PoisonWeightsAt(8)])
+    checkpoint = last_checkpoint_path(tmp_path / "run")
+    assert "train loss is nan at step 8 (1,024 tokens); stopped before the update" in str(error.value)
+    assert f"The last good checkpoint is {checkpoint} (step 5)" in str(error.value)
+    assert read_checkpoint_meta(checkpoint)["step"] == 5
+    assert rows(tmp_path / "run")[-1]["step"] == 7
+
+
+def test_corrupt_checkpoint_is_refused_with_advice(make_cfg, tmp_path):
+    with pytest.raises(CrashAt.Crash):
+        run(make_cfg(), callbacks=[CrashAt(6)])
+    checkpoint = last_checkpoint_path(tmp_path / "run")
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=rf"checkpoint {checkpoint} is corrupt or unreadable .*Delete {checkpoint} to start this run over"):
+        run(make_cfg())
+
+
+def test_resuming_with_a_different_config_is_refused(make_cfg, tmp_path):
+    with pytest.raises(CrashAt.Crash):
+        run(make_cfg(), callbacks=[CrashAt(6)])
+    with pytest.raises(CheckpointError, match=r"holds a checkpoint of a different configuration \(optim.aux.lr: 0.003 -> 0.01; optim.lr: 0.003 -> 0.01; optim.matrix.lr: 0.003 -> 0.01\)"):
+        run(make_cfg("optim.lr=0.01"))
+
+
+def test_progress_lines_in_a_log_file(make_cfg, capsys):
+    run(make_cfg("callbacks=default", "callbacks.progress.log_every_s=0"))
+    out = capsys.readouterr().out
+    assert "[128/2.56k tokens, step 1] loss" in out
+    assert "[2.56k/2.56k tokens, step 20] loss" in out and "| val " in out and "tok/s" in out
+    assert "final val loss" in out and "run dir:" in out
+    assert "matrix     Muon" in out  # the routing table

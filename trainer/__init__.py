@@ -1,0 +1,1 @@
+"""The training loop: Lightning module, run plan, checkpoints, metrics, callbacks, loggers."""

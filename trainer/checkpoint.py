@@ -1,0 +1,80 @@
+"""The run's last checkpoint: written atomically, verified before resuming.
+
+`<run_dir>/checkpoints/last.ckpt` is a Lightning checkpoint (weights, optimizer and scheduler state,
+loop counters) plus a `muonlab` entry with the resolved config, step and tokens. It is first written
+to a temporary sibling, flushed to disk, then renamed over the old one, so a run killed at any
+moment leaves the previous complete checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from trainer.errors import CheckpointError
+
+FORMAT = 1
+# config entries that define the training trajectory: resuming with any of them changed is refused
+TRAJECTORY_KEYS = ("model", "data.name", "data.kind", "data.source", "data.val_fraction", "data.seq_len",
+                   "data.batch_tokens", "data.seed", "optim", "schedule", "budget", "seed", "grad_clip")
+
+
+def last_checkpoint_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
+def save_atomic(trainer, path: Path) -> None:
+    """trainer.save_checkpoint to a temporary file, fsync, rename over `path` (all ranks call this)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    trainer.save_checkpoint(tmp, weights_only=False)
+    if trainer.is_global_zero:
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    trainer.strategy.barrier()
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def trajectory_differences(saved: dict, current: dict) -> list[str]:
+    """'key: saved -> current' for every trajectory-defining entry that differs."""
+    saved_flat, current_flat = _flatten(saved), _flatten(current)
+    keys = sorted(k for k in set(saved_flat) | set(current_flat) if any(k == t or k.startswith(t + ".") for t in TRAJECTORY_KEYS))
+    return [f"{k}: {saved_flat.get(k)!r} -> {current_flat.get(k)!r}" for k in keys if saved_flat.get(k) != current_flat.get(k)]
+
+
+def read_checkpoint_meta(path: Path) -> dict:
+    """Open `path` (memory-mapped, cheap), check it is a complete muonlab checkpoint and return its
+    `muonlab` entry (config, step, tokens). Raises CheckpointError with what to do otherwise."""
+    path = Path(path)
+    advice = f"Delete {path} to start this run over, or pass a new run_dir=..."
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:  # truncated zip, garbage bytes, unpickling errors: all mean "unreadable"
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}). {advice}") from None
+    missing = [k for k in ("state_dict", "optimizer_states", "lr_schedulers", "loops", "muonlab") if k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete (missing {missing}). {advice}")
+    return checkpoint["muonlab"]
+
+
+def verify_checkpoint(path: Path, config: dict) -> dict:
+    """read_checkpoint_meta, and refuse a checkpoint whose trajectory-defining config differs."""
+    meta = read_checkpoint_meta(path)
+    differences = trajectory_differences(meta["config"], config)
+    if differences:
+        raise CheckpointError(
+            f"run dir {Path(path).parent.parent} holds a checkpoint of a different configuration ("
+            + "; ".join(differences) + "). Resume with the original settings, or pass a new run_dir=..."
+        )
+    return meta

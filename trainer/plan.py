@@ -1,0 +1,108 @@
+"""The run plan: every count the loop needs, derived from the config in tokens, and the one place
+that validates the config (all problems are reported together)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from models import ModelConfigError, build_config, config_problems
+from optim.schedules import Schedule
+from trainer.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    seq_len: int
+    micro_batch: int  # sequences per device per forward/backward
+    world_size: int
+    tokens_per_step: int  # the global batch, data.batch_tokens
+    accumulation: int  # micro-batches per device per optimizer step
+    total_steps: int
+    eval_every_tokens: int
+    ckpt_every_tokens: int
+    eval_tokens: int  # size of the fixed validation set
+
+    @property
+    def seqs_per_step(self) -> int:
+        return self.tokens_per_step // self.seq_len
+
+    @property
+    def budget_tokens(self) -> int:
+        """Tokens actually trained: the budget rounded down to whole optimizer steps."""
+        return self.total_steps * self.tokens_per_step
+
+    def tokens_at(self, step: int) -> int:
+        """Tokens seen after `step` optimizer steps."""
+        return step * self.tokens_per_step
+
+    def _crossed(self, every: int, step: int) -> bool:
+        return self.tokens_at(step) // every > self.tokens_at(step - 1) // every
+
+    def eval_due(self, step: int) -> bool:
+        """Evaluate after the step that crosses a multiple of eval.every_tokens, and after the last."""
+        return self._crossed(self.eval_every_tokens, step) or step == self.total_steps
+
+    def checkpoint_due(self, step: int) -> bool:
+        return self._crossed(self.ckpt_every_tokens, step) or step == self.total_steps
+
+
+def _nearby_multiples(unit: int, around: int) -> str:
+    low = max(unit, around // unit * unit)
+    return ", ".join(str(v) for v in dict.fromkeys((low, low + unit)))
+
+
+def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
+    """Validate cfg and derive the plan; raises ConfigError listing every problem found."""
+    problems: list[str] = []
+    context = None
+    try:
+        model_config = build_config(OmegaConf.to_container(cfg.model, resolve=True))
+        problems += config_problems(model_config)
+        context = model_config.context_length
+    except ModelConfigError as e:
+        problems.append(str(e))
+
+    data = cfg.data
+    seq_len, micro, batch_tokens = int(data.seq_len), int(data.micro_batch), int(data.batch_tokens)
+    for name, value in (("data.seq_len", seq_len), ("data.micro_batch", micro), ("data.batch_tokens", batch_tokens)):
+        if value < 1:
+            problems.append(f"{name}={value} must be >= 1")
+    if context is not None and seq_len > context:
+        problems.append(f"data.seq_len={seq_len} is longer than the model's context of {context} tokens "
+                        f"(use data.seq_len<={context}, or a model with a longer context)")
+    unit = micro * seq_len * world_size
+    if unit > 0 and batch_tokens % unit:
+        problems.append(
+            f"data.batch_tokens={batch_tokens} is not divisible by data.micro_batch x data.seq_len x world size = "
+            f"{micro} x {seq_len} x {world_size} = {unit} (valid nearby: {_nearby_multiples(unit, batch_tokens)})"
+        )
+    budget = int(cfg.budget.tokens)
+    if batch_tokens > 0 and budget < batch_tokens:
+        problems.append(f"budget.tokens={budget} is smaller than one optimizer step of data.batch_tokens={batch_tokens} tokens")
+    for name in ("eval.every_tokens", "checkpoint.every_tokens", "eval.micro_batch"):
+        value = OmegaConf.select(cfg, name)
+        if int(value) < 1:
+            problems.append(f"{name}={value} must be >= 1")
+    if int(cfg.eval.tokens) < seq_len + 1:
+        problems.append(f"eval.tokens={cfg.eval.tokens} must hold at least one sequence of data.seq_len + 1 = {seq_len + 1} tokens")
+    try:
+        Schedule(**OmegaConf.to_container(cfg.schedule, resolve=True))
+    except (ValueError, TypeError) as e:
+        problems.append(str(e))
+    if cfg.grad_clip is not None and float(cfg.grad_clip) <= 0:
+        problems.append(f"grad_clip={cfg.grad_clip} must be > 0 (or null for no clipping)")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return RunPlan(
+        seq_len=seq_len,
+        micro_batch=micro,
+        world_size=world_size,
+        tokens_per_step=batch_tokens,
+        accumulation=batch_tokens // unit,
+        total_steps=budget // batch_tokens,
+        eval_every_tokens=int(cfg.eval.every_tokens),
+        ckpt_every_tokens=int(cfg.checkpoint.every_tokens),
+        eval_tokens=int(cfg.eval.tokens),
+    )

@@ -1,0 +1,118 @@
+"""One training run, from a composed config to a finished run dir."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from data import open_dataset, validation_windows
+from trainer.checkpoint import last_checkpoint_path, verify_checkpoint
+from trainer.loggers import build_loggers
+from trainer.metrics import MetricsCSV, read_metrics
+from trainer.module import LanguageModel
+from trainer.plan import make_plan
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    val_loss: float
+    tokens: int
+    steps: int
+    wall_s: float
+    resumed_from_step: int | None
+
+
+def quiet_lightning() -> None:
+    """Lightning messages go through the root logger only (Hydra's console + train.log), without
+    its cloud-logging tip and the warnings that do not apply to this loop."""
+    lightning_logger = logging.getLogger("lightning")
+    for handler in list(lightning_logger.handlers):
+        if isinstance(handler, logging.StreamHandler):
+            lightning_logger.removeHandler(handler)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
+    for message in (r".*does not have many workers.*", r".*LeafSpec.*is deprecated.*"):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def world_size_of(trainer_cfg: DictConfig) -> int:
+    devices = trainer_cfg.devices
+    per_node = devices if isinstance(devices, int) else len(devices)
+    return max(1, per_node) * int(trainer_cfg.num_nodes)
+
+
+def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
+    started = time.perf_counter()
+    plan = make_plan(cfg, world_size_of(cfg.trainer))
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    tokens = open_dataset(cfg.data)
+    val = validation_windows(tokens.splits["val"], plan.seq_len, plan.eval_tokens)
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    checkpoint = last_checkpoint_path(run_dir)
+    resume = verify_checkpoint(checkpoint, config) if cfg.resume and checkpoint.is_file() else None
+    if resume:
+        print(f"resuming {run_dir} from step {resume['step']} ({resume['tokens']:,} tokens)", flush=True)
+
+    if resume and resume["step"] >= plan.total_steps:
+        return finished_result(run_dir, started, resume)
+
+    L.seed_everything(int(cfg.seed), verbose=False)
+    metrics = MetricsCSV(run_dir / "metrics.csv", resume_step=resume["step"] if resume else None)
+    module = LanguageModel(cfg, plan, tokens.splits["train"], val, metrics)
+    chosen = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values()] + list(callbacks)
+    quiet_lightning()
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+        precision=cfg.trainer.precision,
+        max_steps=plan.total_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=plan.accumulation,
+        gradient_clip_val=cfg.grad_clip,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in chosen),
+        use_distributed_sampler=False,
+        logger=build_loggers(cfg, run_dir) or False,
+        callbacks=chosen,
+        default_root_dir=str(run_dir),
+    )
+    trainer.fit(module, ckpt_path=str(checkpoint) if resume else None)
+
+    final = module.last_row
+    result = RunResult(run_dir=run_dir, val_loss=final["val_loss"], tokens=final["tokens"], steps=final["step"],
+                       wall_s=time.perf_counter() - started, resumed_from_step=resume["step"] if resume else None)
+    if trainer.is_global_zero:
+        report(result)
+    return result
+
+
+def report(result: RunResult) -> None:
+    print(f"final val loss {result.val_loss:.4f} after {result.tokens:,} tokens ({result.steps} steps) "
+          f"in {result.wall_s:.0f} s\nrun dir: {result.run_dir}", flush=True)
+
+
+def finished_result(run_dir: Path, started: float, resume: dict) -> RunResult:
+    """A rerun of a run that already finished: nothing to train, its result is the last row."""
+    final = read_metrics(run_dir / "metrics.csv")[-1]
+    print(f"{run_dir} already finished ({resume['tokens']:,} tokens); nothing to do", flush=True)
+    result = RunResult(run_dir=run_dir, val_loss=final["val_loss"], tokens=final["tokens"], steps=final["step"],
+                       wall_s=time.perf_counter() - started, resumed_from_step=resume["step"])
+    report(result)
+    return result
+
