@@ -16,10 +16,10 @@ install-dev: ## install + the test tools
 train: install ## the default run: small GPT-2 on Shakespeare with Muon (~4 min on 2 CPU cores); ARGS="optim=adamw ..."
 	$(PY) train.py $(ARGS)
 
-test: install-dev ## the test suite (~10 min on 2 CPU cores), without the slow end-to-end runs
+test: install-dev ## the test suite (~1.5 min on 2 CPU cores), without the slow end-to-end runs
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
-test-slow: install-dev ## the slow end-to-end tests (subprocess runs, kill-and-resume, the default run)
+test-slow: install-dev ## the slow end-to-end tests (~5 min: the default run, kill-and-resume, wandb offline, a multirun)
 	$(PY) -m pytest -m slow $(ARGS)
 
 count-params: install ## parameter counts of every named model size

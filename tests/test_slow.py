@@ -26,25 +26,29 @@ def test_default_run(tmp_path):
     assert "optim: muon" in (tmp_path / "run" / ".hydra" / "hydra.yaml").read_text()
 
 
+def start_and_kill(args: list[str], run_dir, rows: int, env: dict | None = None) -> None:
+    """Start `python train.py args`, SIGKILL it (no chance to clean up) once metrics.csv has `rows` rows."""
+    process = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    csv, deadline = run_dir / "metrics.csv", time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if csv.is_file() and len(csv.read_text().splitlines()) > rows:
+            break
+        time.sleep(0.1)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def test_killed_run_resumes_with_the_same_metrics(tmp_path, cache_dir):
-    """SIGKILL mid-run (no chance to clean up), rerun the same command: same rows as an unbroken run."""
+    """SIGKILL mid-run, rerun the same command: the same rows as an unbroken run."""
     args = [*TINY, "budget.tokens=6400", "checkpoint.every_tokens=1280", "eval.every_tokens=1280",
             f"paths.cache_dir={cache_dir}"]
     straight = run_cli("train.py", *args, f"run_dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     run_dir = tmp_path / "killed"
-    command = [sys.executable, "train.py", *args, f"run_dir={run_dir}"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        csv = run_dir / "metrics.csv"
-        if csv.is_file() and len(csv.read_text().splitlines()) > 1 + 27:  # past the checkpoint at step 20
-            break
-        time.sleep(0.2)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert len(read_metrics(run_dir / "metrics.csv")) < 50
+    start_and_kill([*args, f"run_dir={run_dir}"], run_dir, rows=27)  # past the checkpoint at step 20
+    assert 27 <= len(read_metrics(run_dir / "metrics.csv")) < 50
     resumed = run_cli("train.py", *args, f"run_dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout
@@ -56,13 +60,18 @@ def test_killed_run_resumes_with_the_same_metrics(tmp_path, cache_dir):
 
 
 def test_wandb_offline_and_tensorboard_mirrors_continue_after_resume(tmp_path, cache_dir):
-    args = [*TINY, "logger=[wandb,tensorboard]", f"paths.cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}"]
-    first = run_cli("train.py", *args, "budget.tokens=1280", "resume=true", env={"WANDB_MODE": "offline"})
-    assert first.returncode == 0, first.stderr[-2000:]
-    run_id = (tmp_path / "run" / "wandb_id.txt").read_text().strip()
-    assert len(list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))) == 1
-    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
-    assert not (ROOT / "wandb").exists() or (ROOT / "wandb").stat().st_mtime < time.time() - 3600
+    run_dir = tmp_path / "run"
+    args = [*TINY, "logger=[wandb,tensorboard]", "budget.tokens=3840", f"paths.cache_dir={cache_dir}", f"run_dir={run_dir}"]
+    offline = {"WANDB_MODE": "offline"}
+    start_and_kill(args, run_dir, rows=12, env=offline)
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    resumed = run_cli("train.py", *args, env=offline)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (run_dir / "wandb_id.txt").read_text().strip() == run_id
+    sessions = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(sessions) == 2 and all(s.name.endswith(run_id) for s in sessions)  # one wandb run, two sessions
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert not (ROOT / "wandb").exists()  # nothing written outside the run dir
 
 
 def test_multirun_sweep_gives_one_run_dir_per_job(tmp_path, cache_dir):

@@ -53,7 +53,7 @@ def test_tokens_eval_rows_and_schedule(make_cfg, tmp_path):
     assert result.val_loss == table[-1]["val_loss"] and result.tokens == 2560
     assert {"lr_matrix", "lr_embedding", "lr_vector", "grad_norm", "tokens_per_s", "elapsed_s", "train_loss"} <= set(table[0])
     # the lr of step s is the schedule at the tokens seen at its end, for every group
-    peak, warmup, r = 3e-3, 0.05 * 2560, 0.1
+    peak, warmup, r = cfg.optim.lr, 0.05 * 2560, 0.1
     for row in table:
         tau = row["tokens"]
         factor = tau / warmup if tau <= warmup else r + (1 - r) * 0.5 * (1 + math.cos(math.pi * (tau - warmup) / (2560 - warmup)))
@@ -130,7 +130,7 @@ def test_corrupt_checkpoint_is_refused_with_advice(make_cfg, tmp_path):
 def test_resuming_with_a_different_config_is_refused(make_cfg, tmp_path):
     with pytest.raises(CrashAt.Crash):
         run(make_cfg(), callbacks=[CrashAt(6)])
-    with pytest.raises(CheckpointError, match=r"holds a checkpoint of a different configuration \(optim.aux.lr: 0.003 -> 0.01; optim.lr: 0.003 -> 0.01; optim.matrix.lr: 0.003 -> 0.01\)"):
+    with pytest.raises(CheckpointError, match=r"holds a checkpoint of a different configuration \(optim.aux.lr: 0.012 -> 0.01; optim.lr: 0.012 -> 0.01; optim.matrix.lr: 0.012 -> 0.01\)"):
         run(make_cfg("optim.lr=0.01"))
 
 

@@ -41,7 +41,8 @@ class TokenProgressBar(ProgressBar):
         plan = pl_module.plan
         if sys.stderr.isatty():
             self._bar = tqdm(total=plan.budget_tokens, initial=plan.tokens_at(trainer.global_step), unit="tok",
-                             unit_scale=True, dynamic_ncols=True, desc="train")
+                             unit_scale=True, dynamic_ncols=True, desc="train",
+                             bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} tokens [{elapsed}<{remaining}] {postfix}")
 
     def _show(self, pl_module, final: bool = False) -> None:
         row = pl_module.last_row

@@ -37,6 +37,7 @@ class LanguageModel(L.LightningModule):
         self.last_checkpoint_step = 0
         self.elapsed_s = 0.0  # training wall time over all sessions (restored on resume)
         self._step_losses: list[torch.Tensor] = []
+        self._step_loss = float("nan")
         self._step_lrs: dict[str, float] = {}
         self._grad_norm = float("nan")
         self._clock: float | None = None

@@ -61,11 +61,11 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoint = last_checkpoint_path(run_dir)
     resume = verify_checkpoint(checkpoint, config) if cfg.resume and checkpoint.is_file() else None
+    if resume and resume["step"] >= plan.total_steps:
+        print(f"{run_dir} already finished ({resume['tokens']:,} tokens); nothing to train", flush=True)
+        return report(read_metrics(run_dir / "metrics.csv")[-1], run_dir, started, resume)
     if resume:
         print(f"resuming {run_dir} from step {resume['step']} ({resume['tokens']:,} tokens)", flush=True)
-
-    if resume and resume["step"] >= plan.total_steps:
-        return finished_result(run_dir, started, resume)
 
     L.seed_everything(int(cfg.seed), verbose=False)
     metrics = MetricsCSV(run_dir / "metrics.csv", resume_step=resume["step"] if resume else None)
@@ -94,25 +94,13 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
     )
     trainer.fit(module, ckpt_path=str(checkpoint) if resume else None)
 
-    final = module.last_row
-    result = RunResult(run_dir=run_dir, val_loss=final["val_loss"], tokens=final["tokens"], steps=final["step"],
+    return report(module.last_row, run_dir, started, resume, printing=trainer.is_global_zero)
+
+
+def report(final_row: dict, run_dir: Path, started: float, resume: dict | None, printing: bool = True) -> RunResult:
+    result = RunResult(run_dir=run_dir, val_loss=final_row["val_loss"], tokens=final_row["tokens"], steps=final_row["step"],
                        wall_s=time.perf_counter() - started, resumed_from_step=resume["step"] if resume else None)
-    if trainer.is_global_zero:
-        report(result)
+    if printing:
+        print(f"final val loss {result.val_loss:.4f} after {result.tokens:,} tokens ({result.steps} steps) "
+              f"in {result.wall_s:.0f} s\nrun dir: {run_dir}", flush=True)
     return result
-
-
-def report(result: RunResult) -> None:
-    print(f"final val loss {result.val_loss:.4f} after {result.tokens:,} tokens ({result.steps} steps) "
-          f"in {result.wall_s:.0f} s\nrun dir: {result.run_dir}", flush=True)
-
-
-def finished_result(run_dir: Path, started: float, resume: dict) -> RunResult:
-    """A rerun of a run that already finished: nothing to train, its result is the last row."""
-    final = read_metrics(run_dir / "metrics.csv")[-1]
-    print(f"{run_dir} already finished ({resume['tokens']:,} tokens); nothing to do", flush=True)
-    result = RunResult(run_dir=run_dir, val_loss=final["val_loss"], tokens=final["tokens"], steps=final["step"],
-                       wall_s=time.perf_counter() - started, resumed_from_step=resume["step"])
-    report(result)
-    return result
-
