@@ -44,7 +44,7 @@ fi
 spec="."
 [ -n "$extra" ] && spec=".[$extra]"
 echo "[install] pip install -e '$spec'"
-"$python" -m pip install -q -e "$spec" --config-settings editable_mode=compat
+"$python" -m pip install -q -e "$spec"
 find "$prefix" -maxdepth 1 -name '.muonlab-install-*' ! -name ".muonlab-install-$key-*" -delete
 touch "$stamp"
 echo "[install] done ($python)"
