@@ -51,7 +51,8 @@ def test_tokens_eval_rows_and_schedule(make_cfg, tmp_path):
     assert [r["tokens"] for r in table] == [128 * s for s in range(1, 21)]
     assert [r["tokens"] for r in table if "val_loss" in r] == [384, 640, 1024, 1280, 1536, 1920, 2176, 2432, 2560]
     assert result.val_loss == table[-1]["val_loss"] and result.tokens == 2560
-    assert {"lr_matrix", "lr_embedding", "lr_vector", "grad_norm", "tokens_per_s", "elapsed_s", "train_loss"} <= set(table[0])
+    columns = {"lr_matrix", "lr_embedding", "lr_vector", "grad_norm", "tokens_per_s", "elapsed_s", "train_loss"}
+    assert columns <= set(table[0])
     # the lr of step s is the schedule at the tokens seen at its end, for every group
     peak, warmup, r = cfg.optim.lr, 0.05 * 2560, 0.1
     for row in table:
@@ -141,3 +142,14 @@ def test_progress_lines_in_a_log_file(make_cfg, capsys):
     assert "[2.56k/2.56k tokens, step 20] loss" in out and "| val " in out and "tok/s" in out
     assert "final val loss" in out and "run dir:" in out
     assert "matrix     Muon" in out  # the routing table
+
+
+def test_compile_flag_compiles_the_model(make_cfg):
+    from trainer.module import LanguageModel
+    from trainer.plan import make_plan
+
+    cfg = make_cfg("compile=true")
+    module = LanguageModel(cfg, make_plan(cfg, 1), train_tokens=None, val_windows=torch.zeros(1, 33), metrics=None)
+    assert module.model._compiled_call_impl is None
+    module.configure_model()
+    assert module.model._compiled_call_impl is not None
