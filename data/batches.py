@@ -24,22 +24,31 @@ class TrainBatches(IterableDataset):
         self.stream, self.seq_len, self.seqs_per_step, self.micro_batch = stream, seq_len, seqs_per_step, micro_batch
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.start_step = 0
+        self._sampler: SequenceSampler | None = None
 
     def micro_batch_indices(self, step: int) -> list[np.ndarray]:
         indices = step_indices(step, self.seqs_per_step, self.rank, self.world_size)
         return np.split(indices, len(indices) // self.micro_batch)
 
+    def load(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._sampler is None:  # built lazily, so that DataLoader workers each build their own
+            self._sampler = SequenceSampler(len(self.stream), self.seq_len, self.seed)
+        windows = np.stack([self.stream.window(int(s), self.seq_len + 1) for s in self._sampler.starts(indices)])
+        tokens = torch.from_numpy(windows)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def step_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """All micro-batches of optimizer step `step` for this rank."""
+        return [self.load(indices) for indices in self.micro_batch_indices(step)]
+
     def __iter__(self):
-        sampler = SequenceSampler(len(self.stream), self.seq_len, self.seed)
         worker = get_worker_info()
         n_workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
         count, step = 0, self.start_step
         while True:
             for indices in self.micro_batch_indices(step):
                 if count % n_workers == worker_id:
-                    windows = np.stack([self.stream.window(int(s), self.seq_len + 1) for s in sampler.starts(indices)])
-                    tokens = torch.from_numpy(windows)
-                    yield tokens[:, :-1], tokens[:, 1:]
+                    yield self.load(indices)
                 count += 1
             step += 1
 

@@ -154,8 +154,15 @@ class HybridOptimizer(Optimizer):
             opt.param_groups = [next(groups) for _ in opt.param_groups]
         self._share_groups_and_state()
 
-    def group_names(self) -> list[str]:
-        return [g.get("name", f"group{i}") for i, g in enumerate(self.param_groups)]
+    @property
+    def needs_lookahead(self) -> bool:
+        """Whether a part needs the gradient at the current weights on the next batch (exact MARS-M)."""
+        return any(getattr(opt, "needs_lookahead", False) for opt in self.parts.values())
+
+    def store_lookahead_gradients(self) -> None:
+        for opt in self.parts.values():
+            if getattr(opt, "needs_lookahead", False):
+                opt.store_lookahead_gradients()
 
     def __repr__(self) -> str:
         return "HybridOptimizer(" + ", ".join(f"{k}={type(v).__name__}" for k, v in self.parts.items()) + ")"

@@ -1,8 +1,9 @@
-"""What every matrix optimizer shares: 2-D parameters, an update-scale rule, decoupled weight decay.
+"""What every matrix optimizer shares: 2-D parameters, a pipeline of stages (optim/stages.py) that
+turns the gradient into a direction D, an update-scale rule and decoupled weight decay.
 
-A subclass computes one direction D per matrix from its gradient and state (`directions`); the base
-class then applies, for each matrix W of shape (m, n) in PyTorch layout (m = fan_out, n = fan_in):
+For each matrix W of shape (m, n) in PyTorch layout (m = fan_out, n = fan_in):
 
+    D = stage_k( ... stage_1(G) )
     W ← W · (1 − η λ)              decoupled weight decay with the *unscaled* lr η
     W ← W − η · s(m, n) · D
 
@@ -15,14 +16,29 @@ with the scale rule s(m, n) (`adjust_lr_fn`, torch.optim.Muon's name for it):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch.optim import Optimizer
+
+from optim.orthogonalize import Orthogonalizer
+from optim.stages import Stage, Step
 
 SCALE_RULES = {
     "original": lambda m, n: math.sqrt(max(1.0, m / n)),
     "match_rms_adamw": lambda m, n: 0.2 * math.sqrt(max(m, n)),
     "spectral": lambda m, n: math.sqrt(m / n),
+}
+
+# hyperparameter -> (lowest, highest, highest included?)
+RANGES = {
+    "lr": (0.0, math.inf, False),
+    "weight_decay": (0.0, math.inf, False),
+    "momentum": (0.0, 1.0, False),
+    "beta2": (0.0, 1.0, False),
+    "gamma": (0.0, math.inf, False),
+    "eps": (0.0, math.inf, False),
+    "ns_eps": (0.0, math.inf, False),
 }
 
 
@@ -34,15 +50,37 @@ def update_scale(shape: torch.Size | tuple, rule: str | None) -> float:
     return SCALE_RULES[rule](m, n)
 
 
-class MatrixOptimizer(Optimizer):
-    """Base class; subclasses implement `directions(group, params, grads) -> list of D`."""
+def orthogonalizer_settings(orthogonalizer: str, ns_steps: int, ns_coefficients, ns_dtype, ns_eps: float,
+                            ns_norm: str) -> dict:
+    """The param-group entries the Orthogonalize stage reads."""
+    return dict(orthogonalizer=orthogonalizer, ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype,
+                ns_eps=ns_eps, ns_norm=ns_norm)
 
-    def __init__(self, params, defaults: dict):
-        if defaults.get("lr", 0.0) < 0:
-            raise ValueError(f"invalid learning rate {defaults['lr']}")
-        update_scale((1, 1), defaults.get("adjust_lr_fn"))  # validates the rule name
+
+def check_hyperparameters(name: str, settings: dict) -> None:
+    """ValueError naming the first hyperparameter outside its range (or an invalid orthogonalizer)."""
+    for key, (low, high, high_included) in RANGES.items():
+        if key in settings:
+            value = settings[key]
+            if not (low <= value <= high if high_included else low <= value < high):
+                interval = f"[{low:g}, {high:g}{']' if high_included else ')'}"
+                raise ValueError(f"{name}: {key}={value} must be in {interval}")
+    update_scale((1, 1), settings.get("adjust_lr_fn"))
+    if "ns_steps" in settings:
+        if not isinstance(settings["ns_steps"], int) or settings["ns_steps"] < 1:
+            raise ValueError(f"{name}: ns_steps={settings['ns_steps']} must be an integer >= 1")
+        Orthogonalizer(method=settings["orthogonalizer"], steps=settings["ns_steps"], coefficients=settings["ns_coefficients"],
+                       dtype=settings["ns_dtype"], eps=settings["ns_eps"], norm=settings["ns_norm"])
+
+
+class MatrixOptimizer(Optimizer):
+    """A torch.optim.Optimizer over 2-D matrices that runs `stages` on each group's gradients."""
+
+    def __init__(self, params, defaults: dict, stages: Sequence[Stage]):
         super().__init__(params, defaults)
+        self.stages = tuple(stages)
         for group in self.param_groups:
+            check_hyperparameters(type(self).__name__, group)
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(
@@ -50,8 +88,17 @@ class MatrixOptimizer(Optimizer):
                         f"{tuple(p.shape)} (route embeddings' neighbours, norms and biases to AdamW)"
                     )
 
-    def directions(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        raise NotImplementedError
+    def directions(self, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run the stages on the group's gradients; advances each matrix's step count."""
+        states = [self.state[p] for p in params]
+        for state in states:
+            state["step"] = state.get("step", torch.tensor(0.0)) + 1
+        grads = [p.grad for p in params]
+        step = Step(group=group, params=params, grads=grads, states=states, counts=[int(s["step"].item()) for s in states])
+        updates = grads
+        for stage in self.stages:
+            updates = stage(updates, step)
+        return updates
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -63,7 +110,7 @@ class MatrixOptimizer(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            updates = self.directions(group, params, [p.grad for p in params])
+            updates = self.directions(group, params)
             lr, wd = group["lr"], group["weight_decay"]
             if wd:
                 torch._foreach_mul_(params, 1.0 - lr * wd)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
-from optim.matrix import MatrixOptimizer
-from optim.orthogonalize import Orthogonalizer
+from optim.matrix import MatrixOptimizer, orthogonalizer_settings
+from optim.stages import Momentum, Orthogonalize
 
 
 class Muon(MatrixOptimizer):
@@ -18,10 +16,11 @@ class Muon(MatrixOptimizer):
         O_t = NS_K(N_t)                                    ``orthogonalizer`` (or the exact SVD polar)
         W_t = W_{t−1} (1 − η λ) − η s(m, n) O_t            ``adjust_lr_fn`` picks s (optim/matrix.py)
 
-    The constructor mirrors ``torch.optim.Muon`` (same names and defaults: lr 1e-3, weight_decay 0.1,
-    momentum 0.95, nesterov, the Keller Jordan coefficients (3.4445, −4.775, 2.0315), 5 steps,
-    eps 1e-7, scale "original"), and with the orthogonalizer in float64 it matches torch.optim.Muon
-    to rounding. Where the references disagree we chose:
+    Stages: Momentum(nesterov) → Orthogonalize. The constructor mirrors ``torch.optim.Muon`` (same
+    names and defaults: lr 1e-3, weight_decay 0.1, momentum 0.95, nesterov, the Keller Jordan
+    coefficients (3.4445, −4.775, 2.0315), 5 steps, eps 1e-7 for the normalisation, scale
+    "original"); with the orthogonalizer in float64 it matches torch.optim.Muon to rounding. Where
+    the references disagree we chose:
       * momentum as an EMA (KJ, torch); Moonlight's sum buffer B_t = β B_{t−1} + G_t gives the same
         orthogonalized update up to ε, because N_t(EMA) = (1 − β) · N_t(sum);
       * normalisation X / max(‖X‖_F, ε) as torch (``ns_norm="add"`` gives KJ's X / (‖X‖_F + ε));
@@ -34,51 +33,10 @@ class Muon(MatrixOptimizer):
     ``ns_coefficients`` may name a set ("kj", "convergent", "polar_express") or list triples.
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        ns_coefficients="kj",
-        eps: float = 1e-7,
-        ns_steps: int = 5,
-        adjust_lr_fn: str | None = None,
-        ns_dtype="auto",
-        orthogonalizer: str = "newton_schulz",
-        ns_norm: str = "clamp",
-    ):
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        defaults = dict(
-            lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_coefficients=ns_coefficients,
-            eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, orthogonalizer=orthogonalizer,
-            ns_norm=ns_norm,
-        )
-        orthogonalizer_of(defaults)  # validates the orthogonalizer settings now, not at the first step
-        super().__init__(params, defaults)
-
-    def directions(self, group, params, grads):
-        beta = group["momentum"]
-        buffers = []
-        for p, g in zip(params, grads):
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(g)
-            buffers.append(state["momentum_buffer"])
-        torch._foreach_lerp_(buffers, grads, 1.0 - beta)
-        inputs = torch._foreach_lerp(grads, buffers, beta) if group["nesterov"] else buffers
-        return orthogonalizer_of(group).apply_all(list(inputs))
-
-
-def orthogonalizer_of(group: dict) -> Orthogonalizer:
-    """The orthogonalizer described by a param group's ns_* / orthogonalizer / eps entries."""
-    return Orthogonalizer(
-        method=group["orthogonalizer"],
-        steps=group["ns_steps"],
-        coefficients=group["ns_coefficients"],
-        dtype=group["ns_dtype"],
-        eps=group["eps"],
-        norm=group["ns_norm"],
-    )
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients="kj", eps: float = 1e-7, ns_steps: int = 5,
+                 adjust_lr_fn: str | None = None, ns_dtype="auto", orthogonalizer: str = "newton_schulz",
+                 ns_norm: str = "clamp"):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn=adjust_lr_fn,
+                        **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, eps, ns_norm))
+        super().__init__(params, defaults, stages=(Momentum(nesterov=nesterov), Orthogonalize()))

@@ -68,15 +68,15 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return DTYPES[dtype]
 
 
-def newton_schulz(
+def newton_schulz_iterates(
     X: torch.Tensor,
     steps: int = 5,
     coefficients: str | Sequence = "kj",
     dtype: str | torch.dtype = "auto",
     eps: float = 1e-7,
     norm: str = "clamp",
-) -> torch.Tensor:
-    """Approximate polar factor of X (..., m, n), computed in `dtype`, returned in `dtype`."""
+):
+    """Yield X_1, ..., X_steps (in `dtype`, in X's orientation), the iterates of Newton–Schulz on X."""
     if X.ndim < 2:
         raise ValueError(f"newton_schulz needs (..., m, n) input, got shape {tuple(X.shape)}")
     triples = resolve_coefficients(coefficients)
@@ -96,7 +96,23 @@ def newton_schulz(
         A = Y @ Y.mT
         B = b * A + c * (A @ A)
         Y = a * Y + B @ Y
-    return Y.mT if tall else Y
+        yield Y.mT if tall else Y
+
+
+def newton_schulz(
+    X: torch.Tensor,
+    steps: int = 5,
+    coefficients: str | Sequence = "kj",
+    dtype: str | torch.dtype = "auto",
+    eps: float = 1e-7,
+    norm: str = "clamp",
+) -> torch.Tensor:
+    """Approximate polar factor of X (..., m, n), computed in `dtype`, returned in `dtype`."""
+    if steps < 1:
+        raise ValueError(f"ns_steps must be >= 1, got {steps}")
+    for Y in newton_schulz_iterates(X, steps, coefficients, dtype, eps, norm):
+        pass
+    return Y
 
 
 def polar_svd(X: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
@@ -105,6 +121,15 @@ def polar_svd(X: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
     U, S, Vh = torch.linalg.svd(X.double(), full_matrices=False)
     keep = (S > rtol * S.amax(dim=-1, keepdim=True)).double()
     return (U * keep.unsqueeze(-2)) @ Vh
+
+
+def directional_alignment(X: torch.Tensor, steps: int = 5, coefficients: str | Sequence = "kj",
+                          dtype: str | torch.dtype = torch.float64) -> list[float]:
+    """DA_k(X) = ⟨NS_k(X), polar(X)⟩_F / (‖NS_k(X)‖_F ‖polar(X)‖_F) for k = 1..steps (Muon², §3.3):
+    the cosine between k Newton–Schulz steps and the exact polar factor, blind to the overall scale."""
+    P = polar_svd(X)
+    return [((Y.double() * P).sum() / (Y.double().norm() * P.norm())).item()
+            for Y in newton_schulz_iterates(X, steps, coefficients, dtype)]
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,7 @@ def test_state_dict_round_trip_continues_identically():
         saved_params[0].grad = G.clone()
         restored.step()
     assert torch.equal(saved_params[0], params[0])
-    assert set(saved_state["state"][0]) == {"momentum_buffer"}
+    assert set(saved_state["state"][0]) == {"momentum_buffer", "step"}
 
 
 def test_refuses_non_matrix_parameters():
@@ -99,7 +99,7 @@ def test_bad_hyperparameters_are_refused_at_construction():
     p = [torch.nn.Parameter(torch.zeros(2, 2))]
     with pytest.raises(ValueError, match="unknown adjust_lr_fn 'rms'"):
         Muon(p, adjust_lr_fn="rms")
-    with pytest.raises(ValueError, match="momentum must be in"):
+    with pytest.raises(ValueError, match=r"Muon: momentum=1.0 must be in \[0, 1\)"):
         Muon(p, momentum=1.0)
     with pytest.raises(ValueError, match="unknown Newton–Schulz coefficient set"):
         Muon(p, ns_coefficients="fast")

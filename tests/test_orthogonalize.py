@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from optim.orthogonalize import COEFFICIENTS, Orthogonalizer, newton_schulz, polar_svd
+from optim.orthogonalize import COEFFICIENTS, Orthogonalizer, directional_alignment, newton_schulz, polar_svd, resolve_coefficients
 
 
 def random_matrix(m, n, seed=0, dtype=torch.float64):
@@ -92,3 +92,31 @@ def test_bad_settings_name_the_valid_ones():
         Orthogonalizer(dtype="fp8")
     assert Orthogonalizer(coefficients=(1.5, -0.5, 0.0)).coefficients == ((1.5, -0.5, 0.0),)
     assert len(COEFFICIENTS["polar_express"]) == 5
+
+
+def test_directional_alignment_matches_its_closed_form():
+    """NS_k(X) = U f_k(Σ) Vᵀ, so DA_k = Σ f_k(σ_i) / (sqrt(r) · sqrt(Σ f_k(σ_i)²)) with f_k the scalar
+    quintic iterated k times on σ / ‖X‖_F."""
+    X = random_matrix(40, 24, seed=8)
+    sigma = singular_values(X) / X.norm()
+    a, b, c = resolve_coefficients("kj")[0]
+    expected = []
+    for _ in range(5):
+        sigma = a * sigma + b * sigma**3 + c * sigma**5
+        expected.append((sigma.sum() / (sigma.numel() ** 0.5 * sigma.norm())).item())
+    assert directional_alignment(X, steps=5) == pytest.approx(expected, abs=1e-12)
+    assert directional_alignment(polar_svd(X), steps=3) == pytest.approx([1.0, 1.0, 1.0], abs=1e-3)
+
+
+def test_directional_alignment_of_the_convergent_set_rises_to_one():
+    da = directional_alignment(random_matrix(32, 32, seed=9), steps=12, coefficients="convergent")
+    assert all(later >= earlier - 1e-12 for earlier, later in zip(da, da[1:])) and da[-1] > 0.999
+
+
+@pytest.mark.parametrize("name,low,high", [("kj", 0.6, 1.25), ("polar_express", 0.8, 1.2), ("convergent", 0.999, 1.0 + 1e-9)])
+def test_output_spectrum_inside_each_sets_band(name, low, high):
+    X = random_matrix(64, 32, seed=10)
+    X = X / singular_values(X).max()  # a spectrum in (0, 1] with a moderate condition number
+    steps = {"kj": 5, "polar_express": 5, "convergent": 30}[name]
+    s = singular_values(newton_schulz(X, steps=steps, coefficients=name, dtype=torch.float64))
+    assert low < s.min() and s.max() < high

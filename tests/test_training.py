@@ -1,5 +1,6 @@
 """End-to-end runs of a tiny GPT-2 in-process: eval cadence, metrics.csv, resume, failures."""
 
+import copy
 import math
 
 import lightning as L
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from trainer.checkpoint import last_checkpoint_path, read_checkpoint_meta
-from trainer.errors import CheckpointError, NonFiniteLossError
+from conftest import ROOT
+from trainer.errors import CheckpointError, ConfigError, NonFiniteLossError
 from trainer.metrics import read_metrics
 from trainer.run import run
 
@@ -97,11 +99,66 @@ def test_gradient_accumulation_matches_one_big_micro_batch(make_cfg, tmp_path):
     assert accumulated.val_loss == pytest.approx(single.val_loss, rel=1e-4)
 
 
-@pytest.mark.parametrize("optim", ["adamw", "muon", "muon_torch"])
-def test_every_optimizer_config_trains(make_cfg, optim):
-    result = run(make_cfg(f"optim={optim}", "budget.tokens=1280"))
-    table = rows(result.run_dir)
-    assert table[-1]["val_loss"] < table[0]["train_loss"] - 0.5
+OPTIMIZERS = sorted(p.stem for p in (ROOT / "configs" / "optim").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("optim", OPTIMIZERS)
+def test_every_optimizer_trains_and_resumes_exactly(make_cfg, tmp_path, optim):
+    """8 steps straight vs crashed after step 5 and resumed from the checkpoint at step 3."""
+    short = [f"optim={optim}", "budget.tokens=1024", "checkpoint.every_tokens=384", "eval.every_tokens=512"]
+    straight = run(make_cfg(*short, run_dir=tmp_path / "straight"))
+    table = rows(tmp_path / "straight")
+    assert table[-1]["val_loss"] < table[0]["train_loss"] - 0.3  # it learns
+    with pytest.raises(CrashAt.Crash):
+        run(make_cfg(*short, run_dir=tmp_path / "resumed"), callbacks=[CrashAt(5)])
+    resumed = run(make_cfg(*short, run_dir=tmp_path / "resumed"))
+    assert resumed.resumed_from_step == 3
+    for ra, rb in zip(table, rows(tmp_path / "resumed")):
+        for key in ("train_loss", "grad_norm", "val_loss"):
+            assert abs(ra.get(key, 0.0) - rb.get(key, 0.0)) <= 1e-6, (ra["step"], key)
+    assert straight.val_loss == pytest.approx(resumed.val_loss, abs=1e-6)
+    assert table[-1]["grad_evals"] == (16 if optim == "mars_m_exact" else 8)
+
+
+class Snapshot(L.Callback):
+    """The weights before step `step` and, at the end of training, the optimizer's state."""
+
+    def __init__(self, step):
+        self.step, self.weights, self.state = step, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and self.weights is None:
+            self.weights = copy.deepcopy(pl_module.model.state_dict())
+
+    def on_train_end(self, trainer, pl_module):
+        names = {id(p): n for n, p in pl_module.model.named_parameters()}
+        optimizer = trainer.optimizers[0]
+        self.state = {names[id(p)]: {k: v.clone() for k, v in optimizer.state[p].items()} for p in optimizer.parts["matrix"].param_groups[0]["params"]}
+        self.batches = pl_module.train_batches
+
+
+def test_exact_mars_m_second_gradient_is_the_previous_weights_on_the_current_batch(make_cfg):
+    """After step g+1 the correction for step g+2 is ∇f(X_g, ξ_{g+1}): recompute it with autograd."""
+    snapshot = Snapshot(step=3)
+    run(make_cfg("optim=mars_m_exact", "budget.tokens=512", "grad_clip=null"), callbacks=[snapshot])  # steps 0..3
+    from models import build_model
+    from omegaconf import OmegaConf
+
+    model = build_model(OmegaConf.to_container(make_cfg().model)).double()
+    model.load_state_dict(snapshot.weights)
+    micro_batches = snapshot.batches.step_batches(4)
+    for inputs, targets in micro_batches:
+        loss = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        (loss / len(micro_batches)).backward()
+    for name, p in model.named_parameters():
+        if name in snapshot.state:
+            stored = snapshot.state[name]["last_grad"].double()
+            assert (stored - p.grad).norm() / p.grad.norm() < 1e-5, name  # fp32 training vs fp64 recomputation
+
+
+def test_gradient_evals_mismatch_is_a_config_error(make_cfg):
+    with pytest.raises(ConfigError, match=r"optim=mars_m_exact: optim.gradient_evals_per_step=1 but the matrix optimizer needs a look-ahead gradient; set optim.gradient_evals_per_step=2"):
+        run(make_cfg("optim=mars_m_exact", "optim.gradient_evals_per_step=1"))
 
 
 def test_llama_trains(make_cfg):

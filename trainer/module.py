@@ -1,5 +1,11 @@
 """The LightningModule: next-token cross-entropy, the hybrid optimizer with a token schedule, and
-what happens at each step boundary (metrics row, evaluation, checkpoint)."""
+what happens at each step boundary (metrics row, evaluation, checkpoint).
+
+One gradient per step uses Lightning's automatic optimization (accumulation, the NaN check in
+on_before_optimizer_step, clipping in configure_gradient_clipping). Exact MARS-M needs two
+(`optim.gradient_evals_per_step: 2`) and runs the same step by hand (manual optimization): first
+the gradient at the current weights on the next step's batch, which the optimizer stores, then the
+step's own accumulated gradient."""
 
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from data import TokenStream, TrainBatches
 from models import build_model
 from optim.schedules import Schedule
 from trainer.checkpoint import FORMAT, last_checkpoint_path, save_atomic
-from trainer.errors import NonFiniteLossError
+from trainer.errors import ConfigError, NonFiniteLossError
 from trainer.metrics import MetricsCSV
 from trainer.optimizers import build_optimizer, print_routing
 from trainer.plan import RunPlan
@@ -27,6 +33,7 @@ class LanguageModel(L.LightningModule):
                  metrics: MetricsCSV | None):
         super().__init__()
         self.cfg, self.plan = cfg, plan
+        self.automatic_optimization = not plan.two_pass
         self.model = build_model(OmegaConf.to_container(cfg.model, resolve=True))
         self.schedule = Schedule(**OmegaConf.to_container(cfg.schedule, resolve=True))
         self.train_tokens, self.val_windows = train_tokens, val_windows
@@ -42,6 +49,7 @@ class LanguageModel(L.LightningModule):
         self._grad_norm = float("nan")
         self._clock: float | None = None
         self._clock_step = 0
+        self.train_batches: TrainBatches | None = None
 
     # ---- model, data, optimizer --------------------------------------------------------------
     def configure_model(self) -> None:
@@ -54,11 +62,18 @@ class LanguageModel(L.LightningModule):
             seed=int(self.cfg.data.seed), rank=self.global_rank, world_size=self.plan.world_size,
         )
         batches.start_step = self.trainer.global_step  # already restored when resuming
+        self.train_batches = batches
         workers = int(self.cfg.data.num_workers)
         return DataLoader(batches, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.cfg.optim)
+        if optimizer.needs_lookahead != self.plan.two_pass:
+            raise ConfigError(
+                f"optim={self.cfg.optim.name}: optim.gradient_evals_per_step={self.plan.gradient_evals_per_step} but the "
+                f"matrix optimizer {'needs' if optimizer.needs_lookahead else 'has no use for'} a look-ahead gradient; "
+                f"set optim.gradient_evals_per_step={2 if optimizer.needs_lookahead else 1}"
+            )
         if self.global_rank == 0:
             print_routing(self.model, optimizer, self.cfg.optim.name)
         plan, schedule = self.plan, self.schedule
@@ -73,9 +88,29 @@ class LanguageModel(L.LightningModule):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
     def training_step(self, batch, batch_idx):
+        if self.plan.two_pass:
+            return self._two_pass_step(batch)
         loss = self.loss(*batch)
         self._step_losses.append(loss.detach())
         return loss
+
+    def _two_pass_step(self, batch) -> None:
+        """One micro-batch of a step with a look-ahead gradient (manual optimization)."""
+        optimizer, accumulation = self.optimizers(), self.plan.accumulation
+        if not self._step_losses:  # the step's first micro-batch: the look-ahead pass, at the current weights
+            for inputs, targets in self.train_batches.step_batches(self.trainer.global_step + 1):
+                self.manual_backward(self.loss(inputs.to(self.device), targets.to(self.device)) / accumulation)
+            self.clip_and_measure_gradients()
+            optimizer.optimizer.store_lookahead_gradients()
+            optimizer.zero_grad()
+        loss = self.loss(*batch)
+        self._step_losses.append(loss.detach())
+        self.manual_backward(loss / accumulation)
+        if len(self._step_losses) == accumulation:
+            self.clip_and_measure_gradients()
+            optimizer.step()  # runs on_before_optimizer_step: the NaN check, before the update
+            optimizer.zero_grad()
+            self.lr_schedulers().step()
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Runs once per optimizer step, after the last backward and before clipping and the update."""
@@ -92,8 +127,12 @@ class LanguageModel(L.LightningModule):
         self._step_lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm=gradient_clip_val or math.inf)
-        self._grad_norm = norm.item()
+        self.clip_and_measure_gradients()
+
+    def clip_and_measure_gradients(self) -> None:
+        """Global-norm clipping at `grad_clip` (none if null); the norm before clipping is logged."""
+        clip = self.cfg.grad_clip
+        self._grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm=clip or math.inf).item()
 
     def on_train_start(self) -> None:
         self._clock, self._clock_step = time.perf_counter(), self.trainer.global_step
@@ -106,7 +145,7 @@ class LanguageModel(L.LightningModule):
         self.elapsed_s += now - self._clock
         tokens = self.plan.tokens_at(step)
         row = {"tokens": tokens, "step": step, "train_loss": self._step_loss, **self._step_lrs,
-               "grad_norm": self._grad_norm,
+               "grad_norm": self._grad_norm, "grad_evals": step * self.plan.gradient_evals_per_step,
                "tokens_per_s": self.plan.tokens_at(step - self._clock_step) / (now - self._clock),
                "elapsed_s": self.elapsed_s}
         row.update(self.pending_metrics)

@@ -23,6 +23,11 @@ class RunPlan:
     eval_every_tokens: int
     ckpt_every_tokens: int
     eval_tokens: int  # size of the fixed validation set
+    gradient_evals_per_step: int = 1  # 2 for exact MARS-M: the current batch and the next one
+
+    @property
+    def two_pass(self) -> bool:
+        return self.gradient_evals_per_step == 2
 
     @property
     def seqs_per_step(self) -> int:
@@ -91,6 +96,9 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
         Schedule(**OmegaConf.to_container(cfg.schedule, resolve=True))
     except (ValueError, TypeError) as e:
         problems.append(str(e))
+    evals = OmegaConf.select(cfg, "optim.gradient_evals_per_step", default=1)
+    if evals not in (1, 2):
+        problems.append(f"optim.gradient_evals_per_step={evals} must be 1, or 2 for an optimizer with a look-ahead gradient")
     if cfg.grad_clip is not None and float(cfg.grad_clip) <= 0:
         problems.append(f"grad_clip={cfg.grad_clip} must be > 0 (or null for no clipping)")
     if problems:
@@ -105,4 +113,5 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
         eval_every_tokens=int(cfg.eval.every_tokens),
         ckpt_every_tokens=int(cfg.checkpoint.every_tokens),
         eval_tokens=int(cfg.eval.tokens),
+        gradient_evals_per_step=evals,
     )

@@ -1,0 +1,59 @@
+"""The three pipelines of "Denoise First, Orthogonalize Later" (Li, Zhang, Liu, Bao 2026, arXiv
+2606.03899): where momentum sits relative to orthogonalization. No official code was released.
+All three coincide at β = 0."""
+
+from __future__ import annotations
+
+from optim.matrix import MatrixOptimizer, orthogonalizer_settings
+from optim.stages import Momentum, Orthogonalize
+
+
+class PrePolar(MatrixOptimizer):
+    r"""Denoise, then orthogonalize (Muon without Nesterov, the paper's recommended order):
+
+        M_t = β M_{t−1} + (1 − β) G_t,    W_t = W_{t−1} (1 − η λ) − η s(m, n) polar(M_t)
+
+    Stages: Momentum(nesterov off) → Orthogonalize. The theory uses the exact polar factor
+    (``orthogonalizer="svd"``); the default is five Keller Jordan steps, as in practice. Nesterov is
+    off as in the theory; ``nesterov=True`` is the extension (then it is Muon).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = False, ns_steps: int = 5, ns_coefficients="kj", ns_dtype="auto", ns_eps: float = 1e-7,
+                 ns_norm: str = "clamp", orthogonalizer: str = "newton_schulz", adjust_lr_fn: str = "original"):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn=adjust_lr_fn,
+                        **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
+        super().__init__(params, defaults, (Momentum(nesterov=nesterov), Orthogonalize()))
+
+
+class PostPolar(MatrixOptimizer):
+    r"""Orthogonalize each gradient, then average ("orthogonal SGD with momentum"):
+
+        M̃_t = β M̃_{t−1} + (1 − β) polar(G_t),    W_t = W_{t−1} (1 − η λ) − η s(m, n) M̃_t
+
+    Stages: Orthogonalize → Momentum(nesterov off). The update is not orthogonal itself: averaging
+    polar factors shrinks it where they disagree, which is the paper's point.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 ns_steps: int = 5, ns_coefficients="kj", ns_dtype="auto", ns_eps: float = 1e-7, ns_norm: str = "clamp",
+                 orthogonalizer: str = "newton_schulz", adjust_lr_fn: str = "original"):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn=adjust_lr_fn,
+                        **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
+        super().__init__(params, defaults, (Orthogonalize(), Momentum(nesterov=False)))
+
+
+class PolarOnly(MatrixOptimizer):
+    r"""No momentum (spectral descent, Muon with β = 0):
+
+        W_t = W_{t−1} (1 − η λ) − η s(m, n) polar(G_t)
+
+    Stages: Orthogonalize. No state.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, ns_steps: int = 5, ns_coefficients="kj",
+                 ns_dtype="auto", ns_eps: float = 1e-7, ns_norm: str = "clamp", orthogonalizer: str = "newton_schulz",
+                 adjust_lr_fn: str = "original"):
+        defaults = dict(lr=lr, weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn,
+                        **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
+        super().__init__(params, defaults, (Orthogonalize(),))

@@ -1,0 +1,219 @@
+"""The stages a matrix optimizer is composed of (optax-style transforms over a group's matrices).
+
+A stage maps the list of update tensors of one param group (one per matrix, initially the
+gradients G_t) to a new list, keeping per-matrix state under its own keys. Stages never modify
+their input in place, and they work on whole lists (foreach ops; one stacked Newton–Schulz call
+per shape), so same-shaped matrices are updated as one batch. Numeric hyperparameters are read
+from the param group at every step (so schedules and per-group overrides apply); structural
+choices (Nesterov on/off, exact or approximate, ...) are the stage's fields.
+
+    stage                  equation (per matrix; β = group["momentum"], t = the matrix's step count)
+    MarsCorrection         C = G + γ β/(1−β) (G − G_prev), then C / max(1, ‖C‖_F)           MARS-M
+    GradientVariance       Γ ← β Γ + β(1−β) (M_{t−1} − G)²      (before Momentum)            Muon-NSR/VS
+    Momentum               M ← β M + (1−β) X;  M̂ = M/(1−β^t) (bias_correction);
+                           N = (1−β) X + β M̂ (nesterov) or M̂;  N/(1−β) with sum_scale (B = M/(1−β))
+    NoiseToSignal          nsr: X / (sqrt(X² + γ Γ̂) + ε)    vs: X / (sqrt(Γ̂) + ε),  Γ̂ = Γ/(1−β^t)
+    SecondMoment           V ← β₂ V + (1−β₂) G²;  X / (sqrt(V) + ε)                         Muon²
+                           factored: r ← β₂ r + (1−β₂) mean_j(G² + ε₁), c likewise over i,
+                           V̂ = r cᵀ / mean(r)                                              Muon²-F
+    Orthogonalize          X → NS_K(X) or the exact polar factor (optim/orthogonalize.py)
+
+Stage order is the pipeline: [Momentum, Orthogonalize] is pre-polar (Muon), [Orthogonalize,
+Momentum] post-polar, [Orthogonalize] polar-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from optim.orthogonalize import Orthogonalizer
+
+
+@dataclass
+class Step:
+    """What a stage sees: the group's hyperparameters, its matrices, their raw gradients and states."""
+
+    group: dict
+    params: list[Tensor]
+    grads: list[Tensor]
+    states: list[dict]
+    counts: list[int]  # t: how many updates each matrix has had, this one included (1 at the first)
+
+
+def state_tensors(step: Step, key: str, like: list[Tensor]) -> list[Tensor]:
+    """The state tensors under `key`, created as zeros shaped like `like` on first use."""
+    for state, x in zip(step.states, like):
+        if key not in state:
+            state[key] = torch.zeros_like(x, memory_format=torch.preserve_format)
+    return [state[key] for state in step.states]
+
+
+def bias_corrections(beta: float, counts: list[int]) -> list[float]:
+    return [1.0 - beta**t for t in counts]
+
+
+class Stage:
+    def __call__(self, updates: list[Tensor], step: Step) -> list[Tensor]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class MarsCorrection(Stage):
+    """Variance-reduced gradient of MARS-M (Liu, Yuan, Gu 2025):
+
+        C_t = G_t + γ β/(1−β) (G_t − G_prev),   then   Clip(C_t, 1) = C_t / max(1, ‖C_t‖_F)
+
+    approximate (default): G_prev = ∇f(X_{t−1}, ξ_{t−1}), last step's gradient;
+    exact: G_prev = ∇f(X_{t−1}, ξ_t), the previous weights on the current batch, which the
+    optimizer's ``store_lookahead_gradients()`` recorded during the previous step.
+    G_prev starts at zero (the released code), so C_1 = (1 + γβ/(1−β)) G_1 before the clip.
+    State: ``last_grad`` (and ``lookahead_grad`` when exact), copies, never references.
+    """
+
+    exact: bool = False
+    clip: bool = True
+
+    def __call__(self, updates, step):
+        beta, gamma = step.group["momentum"], step.group["gamma"]
+        last = state_tensors(step, "last_grad", updates)
+        corrected = torch._foreach_add(updates, torch._foreach_sub(updates, last), alpha=gamma * beta / (1.0 - beta))
+        if self.exact:
+            lookahead = [state.get("lookahead_grad") for state in step.states]
+            if any(g is None for g in lookahead):
+                raise RuntimeError(
+                    "MARSM(exact=True) needs store_lookahead_gradients() before every step, with the gradient of "
+                    "the current weights on the next batch; `train.py optim=mars_m_exact` does this"
+                )
+            torch._foreach_copy_(last, lookahead)
+        else:
+            torch._foreach_copy_(last, updates)
+        if self.clip:
+            norms = torch._foreach_norm(corrected)
+            torch._foreach_mul_(corrected, [1.0 / n.clamp(min=1.0) for n in norms])
+        return corrected
+
+
+@dataclass(frozen=True)
+class GradientVariance(Stage):
+    """Muon-NSR/VS's noise estimate (Li, Fan, Li 2026): Γ_t = β Γ_{t−1} + β(1−β) (M_{t−1} − G_t)².
+
+    It reads the momentum buffer *before* Momentum updates it (the paper's order), so it must come
+    first. Updates pass through unchanged. State: ``variance``."""
+
+    def __call__(self, updates, step):
+        beta = step.group["momentum"]
+        variance = state_tensors(step, "variance", updates)
+        mean = state_tensors(step, "momentum_buffer", updates)
+        deviation = torch._foreach_sub(mean, updates)
+        torch._foreach_mul_(variance, beta)
+        torch._foreach_addcmul_(variance, deviation, deviation, value=beta * (1.0 - beta))
+        return updates
+
+
+@dataclass(frozen=True)
+class Momentum(Stage):
+    """EMA momentum M ← β M + (1−β) X (torch.optim.Muon's buffer), then
+
+        M̂ = M / (1 − β^t)                 if bias_correction
+        N = (1 − β) X + β M̂               if nesterov (Keller Jordan's form), else N = M̂
+        N ← N / (1 − β)                   if sum_scale
+
+    The sum buffer B = β B + X (Moonlight, Muon²) is exactly M/(1−β), so sum_scale gives the sum
+    convention without a second buffer: sum_scale + nesterov is G + β B (Moonlight) and, with bias
+    correction, Muon-NSR's M̃ = G + β/(1−β) M̂. State: ``momentum_buffer`` (the EMA)."""
+
+    nesterov: bool = True
+    sum_scale: bool = False
+    bias_correction: bool = False
+
+    def __call__(self, updates, step):
+        beta = step.group["momentum"]
+        buffers = state_tensors(step, "momentum_buffer", updates)
+        torch._foreach_lerp_(buffers, updates, 1.0 - beta)
+        mean = torch._foreach_div(buffers, bias_corrections(beta, step.counts)) if self.bias_correction else buffers
+        out = torch._foreach_lerp(updates, mean, beta) if self.nesterov else [m.clone() for m in mean]
+        if self.sum_scale:
+            torch._foreach_div_(out, 1.0 - beta)
+        return out
+
+
+@dataclass(frozen=True)
+class NoiseToSignal(Stage):
+    """Muon-NSR / Muon-VS's element-wise normaliser before orthogonalization, with Γ̂ = Γ/(1−β^t):
+
+        "nsr":  X / (sqrt(X² + γ Γ̂) + ε)        noise-to-signal damping (γ → ∞ gives VS up to scale)
+        "vs":   X / (sqrt(Γ̂) + ε)               variance scaling
+
+    ε outside the square root, as in the released code."""
+
+    kind: str = "nsr"
+
+    def __post_init__(self):
+        if self.kind not in ("nsr", "vs"):
+            raise ValueError(f"unknown noise-to-signal normaliser {self.kind!r}; valid: 'nsr', 'vs'")
+
+    def __call__(self, updates, step):
+        beta, eps = step.group["momentum"], step.group["eps"]
+        variance = torch._foreach_div(state_tensors(step, "variance", updates), bias_corrections(beta, step.counts))
+        if self.kind == "vs":
+            denominator = torch._foreach_sqrt(variance)
+        else:
+            torch._foreach_mul_(variance, step.group["gamma"])
+            torch._foreach_addcmul_(variance, updates, updates)
+            denominator = torch._foreach_sqrt(variance)
+        torch._foreach_add_(denominator, eps)
+        return torch._foreach_div(updates, denominator)
+
+
+@dataclass(frozen=True)
+class SecondMoment(Stage):
+    """Muon²'s Adam-style preconditioner, applied before orthogonalization, with V tracked on the
+    raw gradient G_t (not on the momentum):
+
+        V ← β₂ V + (1 − β₂) G²,        X ← X / (sqrt(V) + ε)
+
+    factored (Muon²-F, Adafactor's rank-1 estimate, (m + n) numbers per matrix):
+        r ← β₂ r + (1 − β₂) mean_j(G² + ε₁) ∈ R^m,   c ← β₂ c + (1 − β₂) mean_i(G² + ε₁) ∈ R^n,
+        V̂ = r cᵀ / mean(r)
+    V starts at zero without bias correction (a scalar correction would cancel in Newton–Schulz
+    up to ε). State: ``second_moment``, or ``row_moment`` and ``col_moment``."""
+
+    factored: bool = False
+    eps1: float = 1e-30  # Adafactor's ε₁ inside the factored statistics
+
+    def __call__(self, updates, step):
+        beta2, eps = step.group["beta2"], step.group["eps"]
+        squared = torch._foreach_mul(step.grads, step.grads)
+        if self.factored:
+            rows = [(g2 + self.eps1).mean(dim=-1) for g2 in squared]
+            cols = [(g2 + self.eps1).mean(dim=-2) for g2 in squared]
+            row_moment, col_moment = state_tensors(step, "row_moment", rows), state_tensors(step, "col_moment", cols)
+            torch._foreach_lerp_(row_moment, rows, 1.0 - beta2)
+            torch._foreach_lerp_(col_moment, cols, 1.0 - beta2)
+            second = [torch.outer(r, c) / r.mean() for r, c in zip(row_moment, col_moment)]
+        else:
+            second = state_tensors(step, "second_moment", squared)
+            torch._foreach_lerp_(second, squared, 1.0 - beta2)
+        denominator = torch._foreach_sqrt(second)
+        torch._foreach_add_(denominator, eps)
+        return torch._foreach_div(updates, denominator)
+
+
+@dataclass(frozen=True)
+class Orthogonalize(Stage):
+    """X → NS_K(X) or polar(X), configured by the group's ns_* entries and `orthogonalizer`; the
+    result is returned in X's dtype."""
+
+    def __call__(self, updates, step):
+        out = orthogonalizer_of(step.group).apply_all(updates)
+        return [o.to(u.dtype) for o, u in zip(out, updates)]
+
+
+def orthogonalizer_of(group: dict) -> Orthogonalizer:
+    return Orthogonalizer(
+        method=group["orthogonalizer"], steps=group["ns_steps"], coefficients=group["ns_coefficients"],
+        dtype=group["ns_dtype"], eps=group["ns_eps"], norm=group["ns_norm"],
+    )

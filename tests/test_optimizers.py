@@ -1,0 +1,378 @@
+"""Every named optimizer against a direct transcription of its equations (float64, exact polar
+factor), the identities between them (reference/optimizers.md §11.2), state round trips and
+hyperparameter errors."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from optim import MARSM, Muon, Muon2, Muon2F, MuonNSR, MuonVS, PolarOnly, PostPolar, PrePolar
+from optim.orthogonalize import polar_svd
+
+SHAPES = [(24, 12), (12, 24), (16, 16)]  # tall, wide, square
+STEPS = 6
+LR, WD, BETA = 0.05, 0.1, 0.9
+TOLERANCE = 1e-10
+
+
+def trajectory(seed=0, scale=1.0):
+    """Fixed initial matrices, gradients G_t and look-ahead gradients H_t = ∇f(X_t, ξ_{t+1})."""
+    g = torch.Generator().manual_seed(seed)
+    W0 = [torch.randn(*s, generator=g, dtype=torch.float64) for s in SHAPES]
+    grads = [[scale * torch.randn(*s, generator=g, dtype=torch.float64) for s in SHAPES] for _ in range(STEPS)]
+    lookahead = [[scale * torch.randn(*s, generator=g, dtype=torch.float64) for s in SHAPES] for _ in range(STEPS)]
+    return W0, grads, lookahead
+
+
+def run_optimizer(make, seed=0, scale=1.0, steps=STEPS):
+    W0, grads, lookahead = trajectory(seed, scale)
+    params = [torch.nn.Parameter(w.clone()) for w in W0]
+    opt = make(params)
+    for t in range(steps):
+        if getattr(opt, "needs_lookahead", False):
+            for p, h in zip(params, lookahead[t]):
+                p.grad = h.clone()
+            opt.store_lookahead_gradients()
+        for p, grad in zip(params, grads[t]):
+            p.grad = grad.clone()
+        opt.step()
+    return params, opt
+
+
+def scale_of(shape, rule):
+    m, n = shape
+    return {"original": math.sqrt(max(1, m / n)), "match_rms_adamw": 0.2 * math.sqrt(max(m, n))}[rule]
+
+
+def apply(W, D, rule):
+    return W * (1 - LR * WD) - LR * scale_of(W.shape, rule) * D
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def check(params, opt, expected_W, expected_state):
+    """Parameters and every named state tensor agree with the transcription to TOLERANCE (relative)."""
+    for i, p in enumerate(params):
+        assert rel(p.detach(), expected_W[i]) < TOLERANCE
+        for key, values in expected_state.items():
+            assert rel(opt.state[p][key], values[i]) < TOLERANCE, key
+
+
+# ---- direct transcriptions of the papers' equations, one matrix at a time --------------------
+
+def transcribe_muon(nesterov, rule):
+    W0, grads, _ = trajectory()
+    Ws, Ms = list(W0), [torch.zeros_like(w) for w in W0]
+    for G_t in grads:
+        for i, G in enumerate(G_t):
+            Ms[i] = BETA * Ms[i] + (1 - BETA) * G
+            N = (1 - BETA) * G + BETA * Ms[i] if nesterov else Ms[i]
+            Ws[i] = apply(Ws[i], polar_svd(N), rule)
+    return Ws, {"momentum_buffer": Ms}
+
+
+def transcribe_mars_m(gamma, exact, clip):
+    W0, grads, lookahead = trajectory()
+    Ws, Ms, prev = list(W0), [torch.zeros_like(w) for w in W0], [torch.zeros_like(w) for w in W0]
+    for t, G_t in enumerate(grads):
+        for i, G in enumerate(G_t):
+            C = G + gamma * BETA / (1 - BETA) * (G - prev[i])
+            if clip and C.norm() > 1:
+                C = C / C.norm()
+            Ms[i] = BETA * Ms[i] + (1 - BETA) * C
+            Ws[i] = apply(Ws[i], polar_svd(Ms[i]), "match_rms_adamw")
+            prev[i] = lookahead[t][i] if exact else G
+    return Ws, {"momentum_buffer": Ms, "last_grad": prev}
+
+
+def transcribe_variance_adaptive(kind, gamma, eps):
+    W0, grads, _ = trajectory()
+    Ws, Ms, Gs = list(W0), [torch.zeros_like(w) for w in W0], [torch.zeros_like(w) for w in W0]
+    for t, G_t in enumerate(grads, start=1):
+        for i, G in enumerate(G_t):
+            Gs[i] = BETA * Gs[i] + BETA * (1 - BETA) * (Ms[i] - G) ** 2  # with M_{t-1}
+            Ms[i] = BETA * Ms[i] + (1 - BETA) * G
+            M_hat, Gamma_hat = Ms[i] / (1 - BETA**t), Gs[i] / (1 - BETA**t)
+            M_tilde = G + BETA / (1 - BETA) * M_hat
+            if kind == "nsr":
+                M_bar = M_tilde / (torch.sqrt(M_tilde**2 + gamma * Gamma_hat) + eps)
+            else:
+                M_bar = M_tilde / (torch.sqrt(Gamma_hat) + eps)
+            Ws[i] = apply(Ws[i], polar_svd(M_bar), "match_rms_adamw")
+    return Ws, {"momentum_buffer": Ms, "variance": Gs}
+
+
+def transcribe_muon2(factored, beta2, eps, eps1=1e-30):
+    W0, grads, _ = trajectory()
+    Ws, Bs = list(W0), [torch.zeros_like(w) for w in W0]
+    Vs = [torch.zeros_like(w) for w in W0]
+    rs, cs = [torch.zeros(w.shape[0], dtype=w.dtype) for w in W0], [torch.zeros(w.shape[1], dtype=w.dtype) for w in W0]
+    for G_t in grads:
+        for i, G in enumerate(G_t):
+            Bs[i] = BETA * Bs[i] + G  # sum momentum
+            if factored:
+                rs[i] = beta2 * rs[i] + (1 - beta2) * (G**2 + eps1).mean(dim=1)
+                cs[i] = beta2 * cs[i] + (1 - beta2) * (G**2 + eps1).mean(dim=0)
+                V = torch.outer(rs[i], cs[i]) / rs[i].mean()
+            else:
+                Vs[i] = beta2 * Vs[i] + (1 - beta2) * G**2
+                V = Vs[i]
+            Ws[i] = apply(Ws[i], polar_svd(Bs[i] / (torch.sqrt(V) + eps)), "original")
+    # the optimizer keeps the EMA M = (1 - β) B
+    state = {"momentum_buffer": [(1 - BETA) * b for b in Bs]}
+    state.update({"row_moment": rs, "col_moment": cs} if factored else {"second_moment": Vs})
+    return Ws, state
+
+
+def transcribe_post_polar():
+    W0, grads, _ = trajectory()
+    Ws, Ms = list(W0), [torch.zeros_like(w) for w in W0]
+    for G_t in grads:
+        for i, G in enumerate(G_t):
+            Ms[i] = BETA * Ms[i] + (1 - BETA) * polar_svd(G)
+            Ws[i] = apply(Ws[i], Ms[i], "original")
+    return Ws, {"momentum_buffer": Ms}
+
+
+def transcribe_polar_only():
+    W0, grads, _ = trajectory()
+    Ws = list(W0)
+    for G_t in grads:
+        for i, G in enumerate(G_t):
+            Ws[i] = apply(Ws[i], polar_svd(G), "original")
+    return Ws, {}
+
+
+SVD = dict(orthogonalizer="svd", lr=LR, weight_decay=WD)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("rule", ["original", "match_rms_adamw"])
+def test_muon_equations(nesterov, rule):
+    check(*run_optimizer(lambda ps: Muon(ps, momentum=BETA, nesterov=nesterov, adjust_lr_fn=rule, **SVD)),
+          *transcribe_muon(nesterov, rule))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("clip", [True, False])
+def test_mars_m_equations(exact, clip):
+    check(*run_optimizer(lambda ps: MARSM(ps, momentum=BETA, gamma=0.3, exact=exact, clip=clip, **SVD)),
+          *transcribe_mars_m(0.3, exact, clip))
+
+
+def test_mars_m_clip_is_active_on_this_trajectory():
+    """The clip test above must see corrected gradients beyond unit norm, or it would test nothing."""
+    _, grads, _ = trajectory()
+    assert all(g.norm() > 1 for g in grads[0])
+
+
+def test_muon_nsr_equations():
+    check(*run_optimizer(lambda ps: MuonNSR(ps, momentum=BETA, gamma=10.0, eps=1e-8, **SVD)),
+          *transcribe_variance_adaptive("nsr", 10.0, 1e-8))
+
+
+def test_muon_vs_equations():
+    check(*run_optimizer(lambda ps: MuonVS(ps, momentum=BETA, eps=1e-8, **SVD)),
+          *transcribe_variance_adaptive("vs", None, 1e-8))
+
+
+@pytest.mark.parametrize("cls,factored", [(Muon2, False), (Muon2F, True)])
+def test_muon2_equations(cls, factored):
+    check(*run_optimizer(lambda ps: cls(ps, momentum=BETA, beta2=0.9, eps=1e-10, **SVD)),
+          *transcribe_muon2(factored, 0.9, 1e-10))
+
+
+def test_pre_polar_equations():
+    check(*run_optimizer(lambda ps: PrePolar(ps, momentum=BETA, **SVD)), *transcribe_muon(False, "original"))
+
+
+def test_post_polar_equations():
+    check(*run_optimizer(lambda ps: PostPolar(ps, momentum=BETA, **SVD)), *transcribe_post_polar())
+
+
+def test_polar_only_equations():
+    check(*run_optimizer(lambda ps: PolarOnly(ps, **SVD)), *transcribe_polar_only())
+
+
+# ---- identities (reference/optimizers.md §11.2) ------------------------------------------------
+
+def final(make, **kw):
+    return [p.detach() for p in run_optimizer(make, **kw)[0]]
+
+
+def assert_same(a, b, tol):
+    assert all(rel(x, y) < tol for x, y in zip(a, b))
+
+
+def test_mars_m_without_correction_is_non_nesterov_muon_on_clipped_gradients():
+    W0, grads, _ = trajectory()
+    params = [torch.nn.Parameter(w.clone()) for w in W0]
+    muon = Muon(params, momentum=BETA, nesterov=False, adjust_lr_fn="match_rms_adamw", **SVD)
+    for G_t in grads:
+        for p, G in zip(params, G_t):
+            p.grad = G / max(1.0, G.norm().item())
+        muon.step()
+    assert_same(final(lambda ps: MARSM(ps, momentum=BETA, gamma=0.0, **SVD)), [p.detach() for p in params], 1e-12)
+
+
+def test_nsr_with_huge_gamma_is_vs():
+    nsr = final(lambda ps: MuonNSR(ps, momentum=BETA, gamma=1e16, eps=0.0, **SVD))
+    vs = final(lambda ps: MuonVS(ps, momentum=BETA, eps=0.0, **SVD))
+    assert_same(nsr, vs, 1e-7)
+
+
+def test_the_three_pipelines_coincide_at_beta_zero():
+    pre = final(lambda ps: PrePolar(ps, momentum=0.0, **SVD))
+    post = final(lambda ps: PostPolar(ps, momentum=0.0, **SVD))
+    only = final(lambda ps: PolarOnly(ps, **SVD))
+    assert_same(pre, only, 1e-12)
+    assert_same(post, only, 1e-12)
+
+
+def test_muon2_with_a_constant_second_moment_is_muon():
+    """Gradients of ±1 entries have G² ≡ 1, so V is a constant matrix and B/(sqrt(V)) ∝ B."""
+    W0, grads, _ = trajectory()
+    signs = [[g.sign() for g in G_t] for G_t in grads]
+
+    def run(make):
+        params = [torch.nn.Parameter(w.clone()) for w in W0]
+        opt = make(params)
+        for G_t in signs:
+            for p, G in zip(params, G_t):
+                p.grad = G.clone()
+            opt.step()
+        return [p.detach() for p in params]
+
+    muon2 = run(lambda ps: Muon2(ps, momentum=BETA, eps=0.0, **SVD))
+    muon = run(lambda ps: Muon(ps, momentum=BETA, nesterov=False, **SVD))
+    assert_same(muon2, muon, 1e-12)
+
+
+SCALE_INVARIANT = {
+    "Muon": lambda ps: Muon(ps, momentum=BETA, **SVD),
+    "MuonNSR": lambda ps: MuonNSR(ps, momentum=BETA, eps=0.0, **SVD),
+    "MuonVS": lambda ps: MuonVS(ps, momentum=BETA, eps=0.0, **SVD),
+    "Muon2": lambda ps: Muon2(ps, momentum=BETA, eps=0.0, **SVD),
+    "Muon2F": lambda ps: Muon2F(ps, momentum=BETA, eps=0.0, **SVD),
+    "PrePolar": lambda ps: PrePolar(ps, momentum=BETA, **SVD),
+    "PostPolar": lambda ps: PostPolar(ps, momentum=BETA, **SVD),
+    "PolarOnly": lambda ps: PolarOnly(ps, **SVD),
+}
+
+
+@pytest.mark.parametrize("name", SCALE_INVARIANT)
+def test_updates_are_invariant_to_scaling_the_gradient_sequence(name):
+    assert_same(final(SCALE_INVARIANT[name], scale=1e3), final(SCALE_INVARIANT[name]), 1e-9)
+
+
+def test_mars_m_is_not_scale_invariant_because_of_its_clip():
+    make = lambda ps: MARSM(ps, momentum=BETA, **SVD)  # noqa: E731
+    assert rel(final(make, scale=1e-3)[0], final(make)[0]) > 1e-3
+
+
+def test_ema_nesterov_equals_sum_nesterov_after_orthogonalization():
+    """Keller Jordan's (1-β)G + βM and Moonlight's G + βB with B = βB + G."""
+    _, grads, _ = trajectory()
+    M, B = torch.zeros(24, 12, dtype=torch.float64), torch.zeros(24, 12, dtype=torch.float64)
+    for G_t in grads:
+        G = G_t[0]
+        M, B = BETA * M + (1 - BETA) * G, BETA * B + G
+        assert rel(polar_svd((1 - BETA) * G + BETA * M), polar_svd(G + BETA * B)) < 1e-12
+
+
+# ---- state, resume, defaults, errors -------------------------------------------------------------
+
+ALL = {
+    "Muon": lambda ps: Muon(ps), "MARSM": lambda ps: MARSM(ps), "MARSM-exact": lambda ps: MARSM(ps, exact=True),
+    "MuonNSR": lambda ps: MuonNSR(ps), "MuonVS": lambda ps: MuonVS(ps), "Muon2": lambda ps: Muon2(ps),
+    "Muon2F": lambda ps: Muon2F(ps), "PrePolar": lambda ps: PrePolar(ps), "PostPolar": lambda ps: PostPolar(ps),
+    "PolarOnly": lambda ps: PolarOnly(ps),
+}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_dict_round_trip_continues_identically(name):
+    """Interrupt after 3 of 6 steps, rebuild from state_dict, finish: identical to no interruption."""
+    straight, _ = run_optimizer(ALL[name])
+    W0, grads, lookahead = trajectory()
+    params = [torch.nn.Parameter(w.clone()) for w in W0]
+    opt = ALL[name](params)
+
+    def advance(opt, params, t):
+        if getattr(opt, "needs_lookahead", False):
+            for p, h in zip(params, lookahead[t]):
+                p.grad = h.clone()
+            opt.store_lookahead_gradients()
+        for p, grad in zip(params, grads[t]):
+            p.grad = grad.clone()
+        opt.step()
+
+    for t in range(3):
+        advance(opt, params, t)
+    saved_params, saved_state = copy.deepcopy([p.detach() for p in params]), copy.deepcopy(opt.state_dict())
+    params = [torch.nn.Parameter(w) for w in saved_params]
+    opt = ALL[name](params)
+    opt.load_state_dict(saved_state)
+    for t in range(3, STEPS):
+        advance(opt, params, t)
+    for a, b in zip(params, straight):
+        assert torch.equal(a.detach(), b.detach())
+
+
+def test_defaults_follow_the_released_code():
+    p = [torch.nn.Parameter(torch.zeros(4, 4))]
+    mars = MARSM(p).defaults
+    assert (mars["gamma"], mars["momentum"], mars["adjust_lr_fn"], mars["ns_steps"]) == (0.025, 0.95, "match_rms_adamw", 5)
+    nsr = MuonNSR(p).defaults
+    assert (nsr["gamma"], nsr["eps"], nsr["adjust_lr_fn"]) == (10.0, 1e-8, "match_rms_adamw")
+    assert Muon2(p).defaults["ns_steps"] == 3 and Muon(p).defaults["ns_steps"] == 5
+    assert Muon2(p).defaults["beta2"] == 0.95 and Muon2F(p).defaults["ns_steps"] == 3
+
+
+def test_exact_mars_m_without_a_lookahead_gradient_says_what_is_missing():
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    opt = MARSM([p], exact=True)
+    p.grad = torch.ones(4, 4)
+    with pytest.raises(RuntimeError, match=r"MARSM\(exact=True\) needs store_lookahead_gradients\(\) before every step"):
+        opt.step()
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: Muon(p, lr=-1.0), r"Muon: lr=-1.0 must be in \[0, inf\)"),
+    (lambda p: MARSM(p, momentum=1.0), r"MARSM: momentum=1.0 must be in \[0, 1\)"),
+    (lambda p: MuonNSR(p, momentum=-0.1), r"MuonNSR: momentum=-0.1 must be in \[0, 1\)"),
+    (lambda p: Muon2(p, beta2=1.5), r"Muon2: beta2=1.5 must be in \[0, 1\)"),
+    (lambda p: MARSM(p, gamma=-0.1), r"MARSM: gamma=-0.1 must be in \[0, inf\)"),
+    (lambda p: MuonVS(p, eps=-1e-8), r"MuonVS: eps=-1e-08 must be in \[0, inf\)"),
+    (lambda p: PrePolar(p, ns_steps=0), r"PrePolar: ns_steps=0 must be an integer >= 1"),
+    (lambda p: PostPolar(p, ns_coefficients="fast"), r"unknown Newton–Schulz coefficient set 'fast'; valid: \['convergent', 'kj', 'polar_express'\]"),
+    (lambda p: PolarOnly(p, orthogonalizer="qr"), r"unknown orthogonalizer 'qr'; valid: \['newton_schulz', 'svd'\]"),
+    (lambda p: Muon2F(p, adjust_lr_fn="unit"), r"unknown adjust_lr_fn 'unit'"),
+])
+def test_invalid_hyperparameters_name_the_parameter(make, message):
+    with pytest.raises(ValueError, match=message):
+        make([torch.nn.Parameter(torch.zeros(4, 4))])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_non_matrix_parameters_are_refused(name):
+    with pytest.raises(ValueError, match=r"updates 2-D matrices only; got a parameter of shape \(4,\)"):
+        ALL[name]([torch.nn.Parameter(torch.zeros(4))])
+
+
+def test_same_shaped_matrices_are_orthogonalized_as_one_batch(monkeypatch):
+    import optim.orthogonalize as orth
+
+    calls = []
+    original = orth.newton_schulz
+    monkeypatch.setattr(orth, "newton_schulz", lambda X, *a, **k: calls.append(tuple(X.shape)) or original(X, *a, **k))
+    params = [torch.nn.Parameter(torch.randn(8, 4)) for _ in range(3)] + [torch.nn.Parameter(torch.randn(4, 8))]
+    opt = Muon(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert sorted(calls) == [(3, 8, 4), (4, 8)]
