@@ -55,8 +55,4 @@ class MARSM(MatrixOptimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    state = self.state[p]
-                    if "lookahead_grad" in state:
-                        state["lookahead_grad"].copy_(p.grad)
-                    else:
-                        state["lookahead_grad"] = p.grad.clone()
+                    self.state[p]["lookahead_grad"] = p.grad.clone()

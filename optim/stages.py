@@ -70,7 +70,8 @@ class MarsCorrection(Stage):
     exact: G_prev = ∇f(X_{t−1}, ξ_t), the previous weights on the current batch, which the
     optimizer's ``store_lookahead_gradients()`` recorded during the previous step.
     G_prev starts at zero (the released code), so C_1 = (1 + γβ/(1−β)) G_1 before the clip.
-    State: ``last_grad`` (and ``lookahead_grad`` when exact), copies, never references.
+    State: ``last_grad``, a copy, never a reference to ``p.grad`` (exact mode: the stored look-ahead,
+    consumed by the step).
     """
 
     exact: bool = False
@@ -80,14 +81,15 @@ class MarsCorrection(Stage):
         beta, gamma = step.group["momentum"], step.group["gamma"]
         last = state_tensors(step, "last_grad", updates)
         corrected = torch._foreach_add(updates, torch._foreach_sub(updates, last), alpha=gamma * beta / (1.0 - beta))
-        if self.exact:
-            lookahead = [state.get("lookahead_grad") for state in step.states]
+        if self.exact:  # the stored look-ahead is consumed: it becomes the next step's G_prev
+            lookahead = [state.pop("lookahead_grad", None) for state in step.states]
             if any(g is None for g in lookahead):
                 raise RuntimeError(
                     "MARSM(exact=True) needs store_lookahead_gradients() before every step, with the gradient of "
                     "the current weights on the next batch; `train.py optim=mars_m_exact` does this"
                 )
-            torch._foreach_copy_(last, lookahead)
+            for state, g in zip(step.states, lookahead):
+                state["last_grad"] = g
         else:
             torch._foreach_copy_(last, updates)
         if self.clip:

@@ -75,6 +75,7 @@ def test_mars_correction_exact_uses_the_stored_lookahead():
     out = stage([G], step_of([G], states, 2))
     assert torch.allclose(out[0], G + 0.5 * BETA / (1 - BETA) * (G - H_prev))
     assert torch.equal(states[0]["last_grad"], H_next)  # next step's G_prev
+    assert "lookahead_grad" not in states[0]  # consumed: the next step needs a fresh one
 
 
 def test_mars_clip_only_shrinks_to_unit_frobenius_norm():
