@@ -14,10 +14,11 @@ from pathlib import Path
 from data.batches import TrainBatches, validation_windows
 from data.sampler import SequenceSampler, step_indices
 from data.shards import DataError, TokenSet, TokenStream, open_token_set, read_meta
+from data.hf import hf_dataset_dir, prepare_hf
 from data.text import check_source, prepare_text_file, text_dataset_dir
 from data.tokenizer import EOT_ID, N_VOCAB, gpt2_tokenizer
 
-KINDS = ("text",)
+KINDS = ("text", "hf")
 
 
 def _check_kind(cfg: Mapping) -> None:
@@ -28,12 +29,16 @@ def _check_kind(cfg: Mapping) -> None:
 def dataset_dir(cfg: Mapping) -> Path:
     """The directory that holds (or will hold) this data config's token shards."""
     _check_kind(cfg)
+    if cfg["kind"] == "hf":
+        return hf_dataset_dir(cfg)
     return text_dataset_dir(Path(cfg["cache_dir"]), cfg["name"], check_source(Path(cfg["source"])), cfg["val_fraction"])
 
 
 def prepare(cfg: Mapping) -> Path:
     """Tokenize the source into shards: a complete result is reused, a partial or corrupt one rewritten."""
     _check_kind(cfg)
+    if cfg["kind"] == "hf":
+        return prepare_hf(cfg)
     return prepare_text_file(Path(cfg["source"]), dataset_dir(cfg), cfg["name"], cfg["val_fraction"])
 
 

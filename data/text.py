@@ -12,10 +12,9 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
-
-from data.shards import FORMAT_VERSION, DataError, read_meta, token_set_problems, write_meta, write_shard
-from data.tokenizer import EOT_ID, RANKS_SHA256, file_sha256, gpt2_tokenizer
+from data.prepare import base_meta, encode_batch, finish, write_split
+from data.shards import FORMAT_VERSION, DataError, read_meta, token_set_problems
+from data.tokenizer import RANKS_SHA256, file_sha256
 
 
 def text_dataset_dir(cache_dir: Path, name: str, source: Path, val_fraction: float) -> Path:
@@ -54,26 +53,10 @@ def prepare_text_file(source: Path, out_dir: Path, name: str, val_fraction: floa
         text = source.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"data.source={source} is not UTF-8 text ({e})") from None
-    tokens = np.array(gpt2_tokenizer().encode_ordinary(text) + [EOT_ID], dtype=np.uint16)
+    tokens = encode_batch([text], "append")
     n_val = max(1, round(len(tokens) * val_fraction))
-    splits = {"train": tokens[:-n_val], "val": tokens[-n_val:]}
-    meta = {
-        "format": "muonlab-tokens",
-        "version": FORMAT_VERSION,
-        "name": name,
-        "tokenizer": "gpt2",
-        "tokenizer_sha256": RANKS_SHA256,
-        "eot_id": EOT_ID,
-        "eot_placement": "append",
-        "dtype": "uint16",
-        "source": {"kind": "text", "path": str(source), "sha256": file_sha256(source), "documents": 1},
-        "validation_rule": f"the last {val_fraction} of the tokens (one document: the whole file)",
-        "seed": None,
-        "splits": {},
-    }
-    for split, split_tokens in splits.items():
-        file = f"{split}_000000.bin"
-        write_shard(out_dir / file, split_tokens)
-        meta["splits"][split] = {"tokens": int(len(split_tokens)), "shards": [{"file": file, "tokens": int(len(split_tokens))}]}
-    write_meta(out_dir, meta)
-    return out_dir
+    source_info = {"kind": "text", "path": str(source), "sha256": file_sha256(source), "documents": 1}
+    meta = base_meta(name, "append", source_info, f"the last {val_fraction} of the tokens (one document: the whole file)", None)
+    for split, split_tokens in (("train", tokens[:-n_val]), ("val", tokens[-n_val:])):
+        meta["splits"][split] = write_split(out_dir, split, [(split_tokens, 1)], shard_tokens=len(split_tokens))
+    return finish(out_dir, meta)

@@ -52,7 +52,8 @@ def test_option_composes_and_builds(group, option, tmp_path):
     elif group == "callbacks":
         assert all(isinstance(hydra.utils.instantiate(c), object) for c in node.values())
     elif group == "data":
-        assert Path(node.source).is_file() and node.seq_len >= 1
+        assert node.seq_len >= 1 and node.batch_tokens % node.seq_len == 0
+        assert Path(node.source).is_file() if node.kind == "text" else node.hf_path
     elif group == "paths":
         assert Path(node.root) == ROOT
 

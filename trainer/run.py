@@ -57,6 +57,9 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
 
     tokens = open_dataset(cfg.data)
     val = validation_windows(tokens.splits["val"], plan.seq_len, plan.eval_tokens)
+    if len(tokens.splits["val"]) < plan.eval_tokens:
+        print(f"note: eval.tokens={plan.eval_tokens:,} but the validation split holds {len(tokens.splits['val']):,} "
+              f"tokens; evaluating on all of them", flush=True)
 
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoint = last_checkpoint_path(run_dir)

@@ -1,0 +1,118 @@
+"""From documents to token shards: GPT-2 BPE in worker processes, and the shard writer.
+
+Each document is encoded with `encode_ordinary` (special-token text in a document stays text) and
+gets one EOT, appended (nanoGPT) or prepended (modded-nanogpt). Batches of documents are encoded in
+order, by tiktoken's threads in this process (num_proc=1) or by `num_proc` spawned processes, so the
+token stream does not depend on `num_proc`.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import multiprocessing
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data.shards import FORMAT_VERSION, write_meta, write_shard
+from data.tokenizer import EOT_ID, RANKS_SHA256, gpt2_tokenizer
+
+EOT_PLACEMENTS = ("append", "prepend")
+
+
+def encode_batch(texts: list[str], eot_placement: str = "append", num_threads: int = 1) -> np.ndarray:
+    """One uint16 array: every document's tokens with its EOT, in order."""
+    docs = gpt2_tokenizer().encode_ordinary_batch(texts, num_threads=num_threads)
+    eot = [EOT_ID]
+    return np.fromiter(itertools.chain.from_iterable(doc + eot if eot_placement == "append" else eot + doc for doc in docs),
+                       dtype=np.uint16)
+
+
+def _encode_counted(texts: list[str], eot_placement: str, num_threads: int = 1) -> tuple[np.ndarray, int]:
+    return encode_batch(texts, eot_placement, num_threads), len(texts)
+
+
+def batched(items: Iterable, n: int) -> Iterator[list]:
+    iterator = iter(items)
+    return iter(lambda: list(itertools.islice(iterator, n)), [])
+
+
+def tokenize(texts: Iterable[str], eot_placement: str = "append", num_proc: int = 1,
+             docs_per_batch: int = 256) -> Iterator[tuple[np.ndarray, int]]:
+    """(tokens, n_documents) per batch of documents, in document order."""
+    if eot_placement not in EOT_PLACEMENTS:
+        raise ValueError(f"data.eot={eot_placement!r} is not one of {list(EOT_PLACEMENTS)}")
+    batches = batched(texts, docs_per_batch)
+    if num_proc <= 1:  # one process: tiktoken's own threads
+        yield from map(functools.partial(_encode_counted, eot_placement=eot_placement, num_threads=os.cpu_count() or 1), batches)
+        return
+    encode = functools.partial(_encode_counted, eot_placement=eot_placement)
+    with multiprocessing.get_context("spawn").Pool(num_proc) as pool:
+        yield from pool.imap(encode, batches, chunksize=1)
+
+
+class ShardWriter:
+    """Cuts one split's token stream into shards of `shard_tokens` tokens, written atomically."""
+
+    def __init__(self, directory: Path, split: str, shard_tokens: int):
+        self.directory, self.split, self.shard_tokens = Path(directory), split, shard_tokens
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.shards: list[dict] = []
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.pending.append(tokens)
+        self.pending_tokens += len(tokens)
+        while self.pending_tokens >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def _flush(self, n: int) -> None:
+        stream = np.concatenate(self.pending)
+        file = f"{self.split}_{len(self.shards):06d}.bin"
+        write_shard(self.directory / file, stream[:n])
+        self.shards.append({"file": file, "tokens": int(n)})
+        self.pending, self.pending_tokens = ([stream[n:]] if len(stream) > n else []), len(stream) - n
+
+    def close(self) -> dict:
+        if self.pending_tokens:
+            self._flush(self.pending_tokens)
+        return {"tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
+
+
+def write_split(directory: Path, split: str, batches: Iterable[tuple[np.ndarray, int]], shard_tokens: int,
+                max_tokens: int | None = None, total_documents: int | None = None) -> dict:
+    """Write a split's (tokens, n_documents) batches as shards, stopping at max_tokens; its sidecar entry."""
+    writer, documents, tokens = ShardWriter(directory, split, shard_tokens), 0, 0
+    with tqdm(total=total_documents, unit="doc", desc=f"tokenize {split}", dynamic_ncols=True, disable=None) as bar:
+        for batch, n_docs in batches:
+            if max_tokens is not None and tokens + len(batch) > max_tokens:
+                batch = batch[: max_tokens - tokens]
+            writer.add(batch)
+            tokens += len(batch)
+            documents += n_docs
+            bar.update(n_docs)
+            bar.set_postfix_str(f"{tokens:,} tokens", refresh=False)
+            if max_tokens is not None and tokens >= max_tokens:
+                break
+    entry = {**writer.close(), "documents": documents}
+    print(f"{split}: {documents:,} documents, {entry['tokens']:,} tokens in {len(entry['shards'])} shard(s)", flush=True)
+    return entry
+
+
+def base_meta(name: str, eot_placement: str, source: dict, validation_rule: str, seed: int | None) -> dict:
+    """The sidecar's fields every prepared dataset shares; `splits` is filled in as they are written."""
+    return {
+        "format": "muonlab-tokens", "version": FORMAT_VERSION, "name": name, "tokenizer": "gpt2",
+        "tokenizer_sha256": RANKS_SHA256, "eot_id": EOT_ID, "eot_placement": eot_placement, "dtype": "uint16",
+        "source": source, "validation_rule": validation_rule, "seed": seed, "splits": {},
+    }
+
+
+def finish(directory: Path, meta: dict) -> Path:
+    """Write the sidecar last: its presence marks the dataset as complete."""
+    write_meta(directory, meta)
+    return Path(directory)
