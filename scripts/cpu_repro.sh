@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The CPU-scale reproduction of README "Reproducing the papers", stage by stage:
+#   bash scripts/cpu_repro.sh lr      # 3-point lr sweep of all eleven optimizers at seed 1337   (~45 min, 2 cores)
+#   bash scripts/cpu_repro.sh seeds   # seeds 1338, 1339 at each best lr (configs/tuning/cpu_repro/) (~30 min)
+#   bash scripts/cpu_repro.sh table   # the speedup tables of both stages into results/cpu_repro/
+# Runs already finished are skipped on a rerun (train.py resumes or reports them done).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+MATRIX_OPTIMS=muon,mars_m,mars_m_exact,muon_nsr,muon_vs,muon2,muon2_f,pre_polar,post_polar,polar_only
+ALL_OPTIMS=adamw,$MATRIX_OPTIMS
+RUNS=runs/cpu_repro
+
+case "${1:-}" in
+  lr)
+    $PY train.py -m experiment=cpu_repro optim=adamw optim.lr=1e-3,2e-3,4e-3 hydra.sweep.dir=$RUNS/lr
+    $PY train.py -m experiment=cpu_repro optim=$MATRIX_OPTIMS optim.lr=6e-3,1.2e-2,2.4e-2 hydra.sweep.dir=$RUNS/lr
+    ;;
+  seeds)
+    $PY train.py -m experiment=cpu_repro optim=$ALL_OPTIMS seed=1338,1339 hydra.sweep.dir=$RUNS/seeds
+    ;;
+  table)
+    mkdir -p results/cpu_repro
+    $PY scripts/speedup_table.py $RUNS/lr --baseline muon --out results/cpu_repro/lr_sweep
+    best=()
+    for optim in ${ALL_OPTIMS//,/ }; do
+      lr=$($PY -c "import yaml; print(yaml.safe_load(open('configs/tuning/cpu_repro/$optim.yaml'))['optim']['lr'])")
+      best+=("$RUNS/lr/${optim}_lr${lr}_seed1337")
+    done
+    $PY scripts/speedup_table.py $RUNS/seeds "${best[@]}" --baseline muon --out results/cpu_repro/speedup_table
+    ;;
+  *)
+    echo "usage: bash scripts/cpu_repro.sh lr|seeds|table" >&2; exit 2 ;;
+esac
