@@ -5,6 +5,7 @@
     python train.py --help                              # the config groups and their options
 """
 
+import os
 import sys
 
 import hydra
@@ -17,14 +18,25 @@ from trainer.errors import USER_ERRORS
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from trainer.preemption import requeue_slurm_job, slurm_job_id
     from trainer.run import run
 
     cfg.run_dir = HydraConfig.get().runtime.output_dir  # = run_dir; in a multirun, <sweep dir>/<job number>
     try:
-        return run(cfg).val_loss
+        result = run(cfg)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        if "SUBMITIT_FOLDER" in os.environ:
+            raise  # a submitit job records the error, so the sweep reports the job as failed, with this message
         sys.exit(2)
+    if result.stopped_by:  # SIGTERM/USR1/USR2: checkpointed at a step boundary; requeue under SLURM, then exit
+        job = slurm_job_id()
+        if job and rank_zero_only.rank == 0:
+            print(requeue_slurm_job(job), flush=True)
+        sys.exit(128 + result.stopped_by)  # not a return: a submitit job must not record a result
+    return result.val_loss
 
 
 if __name__ == "__main__":

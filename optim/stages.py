@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from optim.distributed import gather_whole, shard_like
 from optim.orthogonalize import Orthogonalizer
 
 
@@ -91,7 +92,8 @@ class MarsCorrection(Stage):
             for state, g in zip(step.states, lookahead):
                 state["last_grad"] = g
         else:
-            torch._foreach_copy_(last, updates)
+            for previous, g in zip(last, updates):  # (no _foreach_copy_ for FSDP's DTensors)
+                previous.copy_(g)
         if self.clip:
             norms = torch._foreach_norm(corrected)
             torch._foreach_mul_(corrected, [1.0 / n.clamp(min=1.0) for n in norms])
@@ -207,11 +209,11 @@ class SecondMoment(Stage):
 @dataclass(frozen=True)
 class Orthogonalize(Stage):
     """X → NS_K(X) or polar(X), configured by the group's ns_* entries and `orthogonalizer`; the
-    result is returned in X's dtype."""
+    result is returned in X's dtype. Sharded (FSDP2) matrices are orthogonalized whole."""
 
     def __call__(self, updates, step):
-        out = orthogonalizer_of(step.group).apply_all(updates)
-        return [o.to(u.dtype) for o, u in zip(out, updates)]
+        out = orthogonalizer_of(step.group).apply_all(gather_whole(updates))  # FSDP: whole matrices
+        return shard_like([o.to(u.dtype) for o, u in zip(out, updates)], updates)
 
 
 def orthogonalizer_of(group: dict) -> Orthogonalizer:

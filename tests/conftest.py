@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,20 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     """Run a command-line entry point of the repository (train.py, scripts/...) as a user would."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_and_signal(args: list[str], run_dir: Path, rows: int, sig: int = signal.SIGKILL, env: dict | None = None) -> tuple[int, str]:
+    """Start `python train.py args`, send `sig` once metrics.csv has more than `rows` rows (SIGKILL: no
+    chance to clean up), wait for it; returns (exit code, stdout)."""
+    log = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would block the run
+    process = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    csv, deadline = Path(run_dir) / "metrics.csv", time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if csv.is_file() and len(csv.read_text().splitlines()) > rows:
+            break
+        time.sleep(0.1)
+    os.kill(process.pid, sig)
+    process.wait(timeout=300)
+    log.seek(0)
+    return process.returncode, log.read()

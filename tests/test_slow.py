@@ -1,14 +1,9 @@
 """End-to-end runs through the command line (`make test-slow`; CI runs them too)."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import ROOT, TINY, run_cli
+from conftest import ROOT, TINY, run_cli, start_and_signal
 from trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -26,19 +21,6 @@ def test_default_run(tmp_path):
     assert "optim: muon" in (tmp_path / "run" / ".hydra" / "hydra.yaml").read_text()
 
 
-def start_and_kill(args: list[str], run_dir, rows: int, env: dict | None = None) -> None:
-    """Start `python train.py args`, SIGKILL it (no chance to clean up) once metrics.csv has `rows` rows."""
-    process = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
-    csv, deadline = run_dir / "metrics.csv", time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if csv.is_file() and len(csv.read_text().splitlines()) > rows:
-            break
-        time.sleep(0.1)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-
-
 def test_killed_run_resumes_with_the_same_metrics(tmp_path, cache_dir):
     """SIGKILL mid-run, rerun the same command: the same rows as an unbroken run."""
     args = [*TINY, "budget.tokens=6400", "checkpoint.every_tokens=1280", "eval.every_tokens=1280",
@@ -47,7 +29,7 @@ def test_killed_run_resumes_with_the_same_metrics(tmp_path, cache_dir):
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     run_dir = tmp_path / "killed"
-    start_and_kill([*args, f"run_dir={run_dir}"], run_dir, rows=27)  # past the checkpoint at step 20
+    start_and_signal([*args, f"run_dir={run_dir}"], run_dir, rows=27)  # past the checkpoint at step 20
     assert 27 <= len(read_metrics(run_dir / "metrics.csv")) < 50
     resumed = run_cli("train.py", *args, f"run_dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -63,7 +45,7 @@ def test_wandb_offline_and_tensorboard_mirrors_continue_after_resume(tmp_path, c
     run_dir = tmp_path / "run"
     args = [*TINY, "logger=[wandb,tensorboard]", "budget.tokens=3840", f"paths.cache_dir={cache_dir}", f"run_dir={run_dir}"]
     offline = {"WANDB_MODE": "offline"}
-    start_and_kill(args, run_dir, rows=12, env=offline)
+    start_and_signal(args, run_dir, rows=12, env=offline)
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
     resumed = run_cli("train.py", *args, env=offline)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -206,7 +206,7 @@ def test_compile_flag_compiles_the_model(make_cfg):
     from trainer.plan import make_plan
 
     cfg = make_cfg("compile=true")
-    module = LanguageModel(cfg, make_plan(cfg, 1), train_tokens=None, val_windows=torch.zeros(1, 33), metrics=None)
+    module = LanguageModel(cfg, make_plan(cfg, 1), train_tokens=None, val_windows=torch.zeros(1, 33))
     assert module.model._compiled_call_impl is None
     module.configure_model()
     assert module.model._compiled_call_impl is not None

@@ -1,7 +1,10 @@
 """The run's last checkpoint: written atomically, verified before resuming.
 
 `<run_dir>/checkpoints/last.ckpt` is a Lightning checkpoint (weights, optimizer and scheduler state,
-loop counters) plus a `muonlab` entry with the resolved config, step and tokens. It is first written
+loop counters) plus a `muonlab` entry with the resolved config, step and tokens. It is one full file
+under every strategy (FSDP gathers it on rank 0), with optimizer state numbered by the parameter's
+position in the module, as Lightning's FSDP2 loader expects, so a checkpoint of any strategy and
+world size resumes under any other. It is first written
 to a temporary sibling, flushed to disk, then renamed over the old one, so a run killed at any
 moment leaves the previous complete checkpoint in place.
 """
@@ -35,6 +38,14 @@ def save_atomic(trainer, path: Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     trainer.strategy.barrier()
+
+
+def renumber_optimizer_state(state: dict, new_id: dict[int, int]) -> dict:
+    """The optimizer state dict with every parameter id (state keys and each group's `params`)
+    mapped through `new_id`. torch's load_state_dict matches parameters by their position in the
+    groups, so any numbering loads; a fixed numbering lets other loaders match them by name."""
+    return {**state, "state": {new_id[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [new_id[k] for k in g["params"]]} for g in state["param_groups"]]}
 
 
 def _flatten(tree, prefix: str = "") -> dict:

@@ -11,6 +11,7 @@ import string
 from pathlib import Path
 
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -25,6 +26,8 @@ def wandb_run_id(run_dir: Path) -> str:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+    if rank_zero_only.rank != 0:  # Lightning's loggers write from rank 0 only; so does the wandb id file
+        return []
     chosen = cfg.logger or {}
     loggers: list[Logger] = []
     if "wandb" in chosen:

@@ -11,37 +11,45 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
 from data import TokenStream, TrainBatches
 from models import build_model
+from optim.distributed import gather_whole
 from optim.schedules import Schedule
-from trainer.checkpoint import FORMAT, last_checkpoint_path, save_atomic
+from trainer.checkpoint import FORMAT, last_checkpoint_path, renumber_optimizer_state, save_atomic
 from trainer.errors import ConfigError, NonFiniteLossError
 from trainer.metrics import MetricsCSV
 from trainer.optimizers import build_optimizer, print_routing
+from trainer.parallel import shard_model
 from trainer.plan import RunPlan
+from trainer.preemption import StopRequest
 
 
 class LanguageModel(L.LightningModule):
     def __init__(self, cfg: DictConfig, plan: RunPlan, train_tokens: TokenStream, val_windows: torch.Tensor,
-                 metrics: MetricsCSV | None):
+                 resume_step: int | None = None):
         super().__init__()
         self.cfg, self.plan = cfg, plan
         self.automatic_optimization = not plan.two_pass
         self.model = build_model(OmegaConf.to_container(cfg.model, resolve=True))
         self.schedule = Schedule(**OmegaConf.to_container(cfg.schedule, resolve=True))
         self.train_tokens, self.val_windows = train_tokens, val_windows
-        self.metrics = metrics  # None on ranks other than 0
+        self.resume_step = resume_step
+        self.metrics: MetricsCSV | None = None  # written by rank 0 only (setup)
         self.checkpoint_path = last_checkpoint_path(cfg.run_dir)
         self.pending_metrics: dict = {}  # columns callbacks add to the current step's row
         self.last_row: dict | None = None
         self.last_checkpoint_step = 0
+        self.stop_request = StopRequest()
+        self.stopped_by: int | None = None  # the signal that stopped training early, if any
         self.elapsed_s = 0.0  # training wall time over all sessions (restored on resume)
         self._step_losses: list[torch.Tensor] = []
         self._step_loss = float("nan")
@@ -52,7 +60,13 @@ class LanguageModel(L.LightningModule):
         self.train_batches: TrainBatches | None = None
 
     # ---- model, data, optimizer --------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.trainer.is_global_zero:
+            self.metrics = MetricsCSV(Path(self.cfg.run_dir) / "metrics.csv", resume_step=self.resume_step)
+
     def configure_model(self) -> None:
+        if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
+            shard_model(self.model, self.device_mesh["data_parallel"])
         if self.cfg.compile:
             self.model.compile()
 
@@ -130,12 +144,22 @@ class LanguageModel(L.LightningModule):
         self.clip_and_measure_gradients()
 
     def clip_and_measure_gradients(self) -> None:
-        """Global-norm clipping at `grad_clip` (none if null); the norm before clipping is logged."""
+        """Global-norm clipping at `grad_clip` (none if null); the norm before clipping is logged. The
+        norm is summed in float64 over whole gradients (FSDP: shard norms reduced across ranks), so
+        it is the same number on one device, under DDP and under FSDP."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        squares = gather_whole([g.double().square().sum() for g in grads])
+        self._grad_norm = math.sqrt(sum(s.item() for s in squares))
         clip = self.cfg.grad_clip
-        self._grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm=clip or math.inf).item()
+        if clip is not None and self._grad_norm > clip:
+            torch._foreach_mul_(grads, clip / (self._grad_norm + 1e-6))
 
     def on_train_start(self) -> None:
+        self.stop_request.install()  # after Lightning's own handlers, which it installs in fit()
         self._clock, self._clock_step = time.perf_counter(), self.trainer.global_step
+
+    def on_train_end(self) -> None:
+        self.stop_request.uninstall()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         step = self.trainer.global_step
@@ -157,25 +181,33 @@ class LanguageModel(L.LightningModule):
             self.metrics.log(row)
         for logger in self.trainer.loggers:
             logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
-        if self.plan.checkpoint_due(step):
+        self.stopped_by = self.stop_request.agreed(self.trainer.strategy)
+        if self.plan.checkpoint_due(step) or self.stopped_by:
             self.last_checkpoint_step = step
             save_atomic(self.trainer, self.checkpoint_path)
+        if self.stopped_by:
+            self.trainer.should_stop = True
         self._clock, self._clock_step = time.perf_counter(), step  # eval and checkpoint time excluded
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean next-token loss over the fixed validation windows (split across ranks)."""
+        """Mean next-token loss over the fixed validation windows (split across ranks). Every rank
+        runs the same number of forward passes (FSDP gathers weights in each), the short ones on an
+        empty remainder that counts zero."""
         was_training = self.model.training
         self.model.eval()
-        windows = self.val_windows[self.global_rank :: self.plan.world_size]
+        world, size = self.plan.world_size, int(self.cfg.eval.micro_batch)
+        windows = self.val_windows[self.global_rank :: world]
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = torch.zeros((), device=self.device, dtype=torch.float64)
-        size = int(self.cfg.eval.micro_batch)
+        passes = math.ceil(math.ceil(len(self.val_windows) / world) / size)
         with self.trainer.precision_plugin.forward_context():
-            for i in range(0, len(windows), size):
-                chunk = windows[i : i + size].to(self.device)
-                total += self.loss(chunk[:, :-1], chunk[:, 1:]).double() * len(chunk)
-                count += len(chunk)
+            for i in range(passes):
+                chunk = windows[i * size : (i + 1) * size]
+                weight = len(chunk)
+                chunk = (chunk if weight else self.val_windows[:1]).to(self.device)
+                total += self.loss(chunk[:, :-1], chunk[:, 1:]).double() * weight
+                count += weight
         total = self.trainer.strategy.reduce(total, reduce_op="sum")
         count = self.trainer.strategy.reduce(count, reduce_op="sum")
         self.model.train(was_training)
@@ -183,6 +215,12 @@ class LanguageModel(L.LightningModule):
 
     # ---- checkpoint --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy):  # FSDP2 already numbers by module position
+            position = {id(p): i for i, p in enumerate(self.parameters())}
+            checkpoint["optimizer_states"] = [
+                renumber_optimizer_state(state, {i: position[id(p)] for i, p in enumerate(p for g in opt.param_groups for p in g["params"])})
+                for state, opt in zip(checkpoint["optimizer_states"], self.trainer.optimizers)
+            ]
         checkpoint["muonlab"] = {
             "format": FORMAT,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -195,3 +233,16 @@ class LanguageModel(L.LightningModule):
         meta = checkpoint["muonlab"]
         self.elapsed_s = meta["elapsed_s"]
         self.last_checkpoint_step = meta["step"]
+        align_batch_counters(checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"], meta["step"], self.plan.accumulation)
+
+
+def align_batch_counters(progress: dict, step: int, batches_per_step: int) -> None:
+    """Lightning counts micro-batches and decides where a step ends from that count. A run resumed
+    on another world size has another number of micro-batches per step: shift the counters by
+    what the steps done would have taken here, so the next step again starts at a step boundary."""
+    if step == 0:
+        return
+    saved_per_step = progress["total"]["processed"] // step
+    for counters in (progress["total"], progress["current"]):
+        for key in counters:
+            counters[key] += step * (batches_per_step - saved_per_step)

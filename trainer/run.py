@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -11,13 +14,15 @@ from pathlib import Path
 import hydra
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from data import open_dataset, validation_windows
 from trainer.checkpoint import last_checkpoint_path, verify_checkpoint
 from trainer.loggers import build_loggers
-from trainer.metrics import MetricsCSV, read_metrics
+from trainer.metrics import read_metrics
 from trainer.module import LanguageModel
+from trainer.parallel import build_strategy, check_layout, cluster_plugins, world_size_of
 from trainer.plan import make_plan
 
 
@@ -29,6 +34,7 @@ class RunResult:
     steps: int
     wall_s: float
     resumed_from_step: int | None
+    stopped_by: int | None = None  # the signal that stopped the run before its budget (it resumes on rerun)
 
 
 def quiet_lightning() -> None:
@@ -43,14 +49,12 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
-def world_size_of(trainer_cfg: DictConfig) -> int:
-    devices = trainer_cfg.devices
-    per_node = devices if isinstance(devices, int) else len(devices)
-    return max(1, per_node) * int(trainer_cfg.num_nodes)
+say = rank_zero_only(functools.partial(print, flush=True))  # once per run, not once per rank
 
 
 def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
     started = time.perf_counter()
+    check_layout(cfg.trainer)
     plan = make_plan(cfg, world_size_of(cfg.trainer))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -58,28 +62,28 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
     tokens = open_dataset(cfg.data)
     val = validation_windows(tokens.splits["val"], plan.seq_len, plan.eval_tokens)
     if len(tokens.splits["val"]) < plan.eval_tokens:
-        print(f"note: eval.tokens={plan.eval_tokens:,} but the validation split holds {len(tokens.splits['val']):,} "
-              f"tokens; evaluating on all of them", flush=True)
+        say(f"note: eval.tokens={plan.eval_tokens:,} but the validation split holds {len(tokens.splits['val']):,} "
+            f"tokens; evaluating on all of them")
 
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoint = last_checkpoint_path(run_dir)
     resume = verify_checkpoint(checkpoint, config) if cfg.resume and checkpoint.is_file() else None
     if resume and resume["step"] >= plan.total_steps:
-        print(f"{run_dir} already finished ({resume['tokens']:,} tokens); nothing to train", flush=True)
+        say(f"{run_dir} already finished ({resume['tokens']:,} tokens); nothing to train")
         return report(read_metrics(run_dir / "metrics.csv")[-1], run_dir, started, resume)
     if resume:
-        print(f"resuming {run_dir} from step {resume['step']} ({resume['tokens']:,} tokens)", flush=True)
+        say(f"resuming {run_dir} from step {resume['step']} ({resume['tokens']:,} tokens)")
 
     L.seed_everything(int(cfg.seed), verbose=False)
-    metrics = MetricsCSV(run_dir / "metrics.csv", resume_step=resume["step"] if resume else None)
-    module = LanguageModel(cfg, plan, tokens.splits["train"], val, metrics)
+    module = LanguageModel(cfg, plan, tokens.splits["train"], val, resume_step=resume["step"] if resume else None)
     chosen = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values()] + list(callbacks)
     quiet_lightning()
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
+        strategy=build_strategy(cfg.trainer),
+        plugins=cluster_plugins(),
         precision=cfg.trainer.precision,
         max_steps=plan.total_steps,
         max_epochs=-1,
@@ -95,14 +99,19 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
         default_root_dir=str(run_dir),
     )
     trainer.fit(module, ckpt_path=str(checkpoint) if resume else None)
+    if module.stopped_by:
+        row = module.last_row
+        say(f"stopped by {signal.Signals(module.stopped_by).name} after step {row['step']} ({row['tokens']:,} tokens); "
+            f"checkpoint written to {module.checkpoint_path}; the same command resumes it")
+        return RunResult(run_dir=run_dir, val_loss=row.get("val_loss", math.nan), tokens=row["tokens"], steps=row["step"],
+                         wall_s=time.perf_counter() - started, resumed_from_step=resume["step"] if resume else None,
+                         stopped_by=module.stopped_by)
+    return report(module.last_row, run_dir, started, resume)
 
-    return report(module.last_row, run_dir, started, resume, printing=trainer.is_global_zero)
 
-
-def report(final_row: dict, run_dir: Path, started: float, resume: dict | None, printing: bool = True) -> RunResult:
+def report(final_row: dict, run_dir: Path, started: float, resume: dict | None) -> RunResult:
     result = RunResult(run_dir=run_dir, val_loss=final_row["val_loss"], tokens=final_row["tokens"], steps=final_row["step"],
                        wall_s=time.perf_counter() - started, resumed_from_step=resume["step"] if resume else None)
-    if printing:
-        print(f"final val loss {result.val_loss:.4f} after {result.tokens:,} tokens ({result.steps} steps) "
-              f"in {result.wall_s:.0f} s\nrun dir: {run_dir}", flush=True)
+    say(f"final val loss {result.val_loss:.4f} after {result.tokens:,} tokens ({result.steps} steps) "
+        f"in {result.wall_s:.0f} s\nrun dir: {run_dir}")
     return result
