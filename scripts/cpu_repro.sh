@@ -15,6 +15,8 @@ case "${1:-}" in
   lr)
     $PY train.py -m experiment=cpu_repro optim=adamw optim.lr=1e-3,2e-3,4e-3 hydra.sweep.dir=$RUNS/lr
     $PY train.py -m experiment=cpu_repro optim=$MATRIX_OPTIMS optim.lr=6e-3,1.2e-2,2.4e-2 hydra.sweep.dir=$RUNS/lr
+    # these three were best at the grid's top: one more point above it
+    $PY train.py -m experiment=cpu_repro optim=muon_vs,post_polar,polar_only optim.lr=4.8e-2 hydra.sweep.dir=$RUNS/lr
     ;;
   seeds)
     $PY train.py -m experiment=cpu_repro optim=$ALL_OPTIMS seed=1338,1339 hydra.sweep.dir=$RUNS/seeds
@@ -22,7 +24,7 @@ case "${1:-}" in
   table)
     mkdir -p results/cpu_repro
     $PY scripts/speedup_table.py $RUNS/lr --baseline muon --out results/cpu_repro/lr_sweep
-    best=()
+    best=()  # seed 1337 of each best lr comes from the lr sweep
     for optim in ${ALL_OPTIMS//,/ }; do
       lr=$($PY -c "import yaml; print(yaml.safe_load(open('configs/tuning/cpu_repro/$optim.yaml'))['optim']['lr'])")
       best+=("$RUNS/lr/${optim}_lr${lr}_seed1337")

@@ -1,5 +1,6 @@
 """The LightningModule: next-token cross-entropy, the hybrid optimizer with a token schedule, and
-what happens at each step boundary (metrics row, evaluation, checkpoint).
+what happens at each step boundary (metrics row, evaluation, checkpoint, and stopping when a signal
+asked for it: trainer/preemption.py). Under FSDP the model is sharded in configure_model.
 
 One gradient per step uses Lightning's automatic optimization (accumulation, the NaN check in
 on_before_optimizer_step, clipping in configure_gradient_clipping). Exact MARS-M needs two
