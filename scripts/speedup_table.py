@@ -10,7 +10,8 @@ it are present) at one token budget, its seeds pooled. Per arm:
   tokens to target         where the arm's mean validation curve (over seeds) first reaches the target,
                            linearly interpolated between evaluations; "not reached" when it never does
                            (never extrapolated). The target defaults to the baseline's mean final val
-                           loss, which its mean curve reaches at its last evaluation. This is a crossing
+                           loss (its best-lr arm at its largest budget, when several are present),
+                           which its mean curve reaches at its last evaluation. This is a crossing
                            on the arm's own schedule: mid-schedule crossings overstate speedups (a
                            shorter run would decay its lr earlier).
   speedup                  baseline tokens / arm tokens; the 95 % t-interval is over the arm's seeds
@@ -233,7 +234,8 @@ def analyse(runs: list[Run], baseline: str, target: float | None) -> list[dict]:
     if not base_arms:
         raise TableError(f"no finished run of the baseline optim={baseline} in this group (optimizers present: "
                          f"{sorted({a.optim for a in arms})}); pick one with --baseline")
-    base = max(base_arms, key=lambda a: a.budget)
+    largest = max(a.budget for a in base_arms)  # the baseline arm: its largest budget, its best lr there
+    base = min((a for a in base_arms if a.budget == largest), key=lambda a: statistics.fmean(a.losses))
     if target is None:
         target = statistics.fmean(base.losses)
     base_tokens = crossing(base.mean_curve, target)
