@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from data.prepare import base_meta, finish, tokenize, write_split
-from data.shards import FORMAT_VERSION, DataError, read_meta, token_set_problems
+from data.shards import FORMAT_VERSION, DataError, is_complete
 from data.tokenizer import RANKS_SHA256
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".json.gz": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
@@ -117,11 +117,7 @@ def prepare_hf(cfg: Mapping) -> Path:
     """Tokenize the train and validation splits into shards (idempotent: a complete, valid result is
     reused; a partial or corrupt one is rewritten)."""
     out_dir = hf_dataset_dir(cfg)
-    try:
-        meta = read_meta(out_dir)
-    except DataError:
-        meta = None
-    if meta is not None and not token_set_problems(out_dir, meta):
+    if is_complete(out_dir):
         return out_dir
     files = local_split_files(cfg) if cfg["data_files"] else None
     if files is None:

@@ -149,6 +149,16 @@ def token_set_problems(directory: Path, meta: dict) -> list[str]:
     return problems
 
 
+def is_complete(directory: Path) -> bool:
+    """Whether directory holds a complete, valid prepared dataset (a missing, partial or corrupt one
+    is not: preparation rewrites it)."""
+    try:
+        meta = read_meta(directory)
+    except DataError:
+        return False
+    return meta is not None and not token_set_problems(directory, meta)
+
+
 def open_token_set(directory: Path, fix_hint: str) -> TokenSet:
     """Open a prepared dataset, refusing missing or corrupt shards with a message ending in fix_hint."""
     directory = Path(directory)

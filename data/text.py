@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from data.prepare import base_meta, encode_batch, finish, write_split
-from data.shards import FORMAT_VERSION, DataError, read_meta, token_set_problems
+from data.shards import FORMAT_VERSION, DataError, is_complete
 from data.tokenizer import RANKS_SHA256, file_sha256
 
 
@@ -43,11 +43,7 @@ def prepare_text_file(source: Path, out_dir: Path, name: str, val_fraction: floa
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"data.val_fraction={val_fraction} must be in (0, 1)")
     out_dir = Path(out_dir)
-    try:
-        meta = read_meta(out_dir)
-    except DataError:
-        meta = None
-    if meta is not None and not token_set_problems(out_dir, meta):
+    if is_complete(out_dir):
         return out_dir
     try:
         text = source.read_text(encoding="utf-8")
