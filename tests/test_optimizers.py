@@ -26,18 +26,23 @@ def trajectory(seed=0, scale=1.0):
     return W0, grads, lookahead
 
 
+def feed_and_step(opt, params, grads, lookahead):
+    """One step on the given gradients (the lookahead ones first, for the optimizers that need them)."""
+    if getattr(opt, "needs_lookahead", False):
+        for p, h in zip(params, lookahead):
+            p.grad = h.clone()
+        opt.store_lookahead_gradients()
+    for p, grad in zip(params, grads):
+        p.grad = grad.clone()
+    opt.step()
+
+
 def run_optimizer(make, seed=0, scale=1.0, steps=STEPS):
     W0, grads, lookahead = trajectory(seed, scale)
     params = [torch.nn.Parameter(w.clone()) for w in W0]
     opt = make(params)
     for t in range(steps):
-        if getattr(opt, "needs_lookahead", False):
-            for p, h in zip(params, lookahead[t]):
-                p.grad = h.clone()
-            opt.store_lookahead_gradients()
-        for p, grad in zip(params, grads[t]):
-            p.grad = grad.clone()
-        opt.step()
+        feed_and_step(opt, params, grads[t], lookahead[t])
     return params, opt
 
 
@@ -301,24 +306,14 @@ def test_state_dict_round_trip_continues_identically(name):
     W0, grads, lookahead = trajectory()
     params = [torch.nn.Parameter(w.clone()) for w in W0]
     opt = ALL[name](params)
-
-    def advance(opt, params, t):
-        if getattr(opt, "needs_lookahead", False):
-            for p, h in zip(params, lookahead[t]):
-                p.grad = h.clone()
-            opt.store_lookahead_gradients()
-        for p, grad in zip(params, grads[t]):
-            p.grad = grad.clone()
-        opt.step()
-
     for t in range(3):
-        advance(opt, params, t)
+        feed_and_step(opt, params, grads[t], lookahead[t])
     saved_params, saved_state = copy.deepcopy([p.detach() for p in params]), copy.deepcopy(opt.state_dict())
     params = [torch.nn.Parameter(w) for w in saved_params]
     opt = ALL[name](params)
     opt.load_state_dict(saved_state)
     for t in range(3, STEPS):
-        advance(opt, params, t)
+        feed_and_step(opt, params, grads[t], lookahead[t])
     for a, b in zip(params, straight):
         assert torch.equal(a.detach(), b.detach())
 
