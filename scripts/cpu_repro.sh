@@ -17,6 +17,8 @@ case "${1:-}" in
     $PY train.py -m experiment=cpu_repro optim=$MATRIX_OPTIMS optim.lr=6e-3,1.2e-2,2.4e-2 hydra.sweep.dir=$RUNS/lr
     # these three were best at the grid's top: one more point above it
     $PY train.py -m experiment=cpu_repro optim=muon_vs,post_polar,polar_only optim.lr=4.8e-2 hydra.sweep.dir=$RUNS/lr
+    # post_polar was best at 4.8e-2 too: one more above that
+    $PY train.py -m experiment=cpu_repro optim=post_polar optim.lr=9.6e-2 hydra.sweep.dir=$RUNS/lr
     ;;
   seeds)
     $PY train.py -m experiment=cpu_repro optim=$ALL_OPTIMS seed=1338,1339 hydra.sweep.dir=$RUNS/seeds
