@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU-scale reproduction of README "Reproducing the papers", stage by stage:
-#   bash scripts/cpu_repro.sh lr      # 3-point lr sweep of all eleven optimizers at seed 1337   (~45 min, 2 cores)
+#   bash scripts/cpu_repro.sh lr      # lr sweep (3-5 points) of all eleven optimizers at seed 1337 (~50 min, 2 cores)
 #   bash scripts/cpu_repro.sh seeds   # seeds 1338, 1339 at each best lr (configs/tuning/cpu_repro/) (~30 min)
 #   bash scripts/cpu_repro.sh table   # the speedup tables of both stages into results/cpu_repro/
 # Runs already finished are skipped on a rerun (train.py resumes or reports them done).
