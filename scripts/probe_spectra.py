@@ -37,7 +37,7 @@ from optim.orthogonalize import polar_svd
 from optim.schedules import Schedule
 from optim.spectral import directional_alignment, principal_angles, signal_alignment
 from trainer.checkpoint import read_checkpoint_meta
-from trainer.diagnostics import default_layers
+from trainer.diagnostics import default_layers, preconditioned_input
 from trainer.errors import CheckpointError
 from trainer.optimizers import build_optimizer
 from trainer.plan import make_plan
@@ -81,25 +81,27 @@ def stationary(probe: Probe, grads: int, rank: int, ns_steps: int) -> tuple[list
     for name in probe.layers:
         signal = torch.stack([d[name] for d in draws[:grads]]).mean(0)
         stream = [d[name] for d in draws[grads:]]
+        polars = [polar_svd(G) for G in stream]  # shared by every β
         spectra[name] = {"gradient": torch.linalg.svdvals(stream[-1]).tolist()}
         for beta in BETAS:
             M = torch.zeros_like(signal)
             post = torch.zeros_like(signal)
-            for G in stream:
+            for G, P in zip(stream, polars):
                 M = beta * M + (1 - beta) * G
-                post = beta * post + (1 - beta) * polar_svd(G)
+                post = beta * post + (1 - beta) * P
             T = 1.0 / (1.0 - beta)
             spectra[name][f"momentum T={T:g}"] = torch.linalg.svdvals(M).tolist()
             row = {"layer": name, "beta": beta, "T": T, **principal_angles(M, signal, rank)}
-            for pipeline, D in (("pre_polar", polar_svd(M)), ("post_polar", post), ("polar_only", polar_svd(stream[-1]))):
+            for pipeline, D in (("pre_polar", polar_svd(M)), ("post_polar", post), ("polar_only", polars[-1])):
                 row[f"{pipeline}_cos"], row[f"{pipeline}_nuclear"] = signal_alignment(D, signal)
             rows.append(row)
         M = torch.zeros_like(signal)
         V = torch.zeros_like(signal)
         for G in stream:
             M, V = 0.95 * M + 0.05 * G, 0.95 * V + 0.05 * G**2
+        muon2_input = preconditioned_input({"second_moment": V}, M, eps=1e-8)
         for k, (raw, pre) in enumerate(zip(directional_alignment(M, ns_steps),
-                                           directional_alignment(M / (V.sqrt() + 1e-8), ns_steps)), start=1):
+                                           directional_alignment(muon2_input, ns_steps)), start=1):
             ns_rows.append({"layer": name, "k": k, "raw_momentum": raw, "muon2_input": pre})
     return rows, ns_rows, spectra
 
@@ -118,7 +120,8 @@ def trajectory(probe: Probe, steps: int, window: int, rank: int) -> list[dict]:
         probe.optimizer.step()
         for name, G in grads.items():
             recent[name].append(G)
-            post[name] = polar_svd(G) if post[name] is None else matrix_beta * post[name] + (1 - matrix_beta) * polar_svd(G)
+            P = polar_svd(G)
+            post[name] = P if post[name] is None else matrix_beta * post[name] + (1 - matrix_beta) * P
             signal = torch.stack(list(recent[name])).mean(0)
             M = probe.optimizer.state[probe.params[name]].get("momentum_buffer")
             row = {"layer": name, "step": t}
@@ -126,7 +129,7 @@ def trajectory(probe: Probe, steps: int, window: int, rank: int) -> list[dict]:
                 row["momentum_sin2_left"] = principal_angles(M.double(), signal, rank)["sin2_left"]
                 row["pre_polar_nuclear"] = signal_alignment(polar_svd(M), signal)[1]
             row["post_polar_nuclear"] = signal_alignment(post[name], signal)[1]
-            row["polar_only_nuclear"] = signal_alignment(polar_svd(G), signal)[1]
+            row["polar_only_nuclear"] = signal_alignment(P, signal)[1]
             rows.append(row)
     return rows
 
