@@ -150,7 +150,7 @@ class LanguageModel(L.LightningModule):
         it is the same number on one device, under DDP and under FSDP."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         squares = gather_whole([g.double().square().sum() for g in grads])
-        self._grad_norm = math.sqrt(sum(s.item() for s in squares))
+        self._grad_norm = torch.stack(squares).sum().sqrt().item()  # one host sync, not one per parameter
         clip = self.cfg.grad_clip
         if clip is not None and self._grad_norm > clip:
             torch._foreach_mul_(grads, clip / (self._grad_norm + 1e-6))

@@ -99,19 +99,20 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
         default_root_dir=str(run_dir),
     )
     trainer.fit(module, ckpt_path=str(checkpoint) if resume else None)
-    if module.stopped_by:
-        row = module.last_row
-        say(f"stopped by {signal.Signals(module.stopped_by).name} after step {row['step']} ({row['tokens']:,} tokens); "
-            f"checkpoint written to {module.checkpoint_path}; the same command resumes it")
-        return RunResult(run_dir=run_dir, val_loss=row.get("val_loss", math.nan), tokens=row["tokens"], steps=row["step"],
-                         wall_s=time.perf_counter() - started, resumed_from_step=resume["step"] if resume else None,
-                         stopped_by=module.stopped_by)
-    return report(module.last_row, run_dir, started, resume)
+    return report(module.last_row, run_dir, started, resume, stopped_by=module.stopped_by)
 
 
-def report(final_row: dict, run_dir: Path, started: float, resume: dict | None) -> RunResult:
-    result = RunResult(run_dir=run_dir, val_loss=final_row["val_loss"], tokens=final_row["tokens"], steps=final_row["step"],
-                       wall_s=time.perf_counter() - started, resumed_from_step=resume["step"] if resume else None)
-    say(f"final val loss {result.val_loss:.4f} after {result.tokens:,} tokens ({result.steps} steps) "
-        f"in {result.wall_s:.0f} s\nrun dir: {run_dir}")
+def report(final_row: dict, run_dir: Path, started: float, resume: dict | None, stopped_by: int | None = None) -> RunResult:
+    """The run's result, said once. A run stopped by a signal has no final evaluation (val_loss is
+    NaN unless its last step evaluated)."""
+    val_loss = final_row.get("val_loss", math.nan) if stopped_by else final_row["val_loss"]
+    result = RunResult(run_dir=run_dir, val_loss=val_loss, tokens=final_row["tokens"], steps=final_row["step"],
+                       wall_s=time.perf_counter() - started, resumed_from_step=resume["step"] if resume else None,
+                       stopped_by=stopped_by)
+    if stopped_by:
+        say(f"stopped by {signal.Signals(stopped_by).name} after step {result.steps} ({result.tokens:,} tokens); "
+            f"checkpoint written to {last_checkpoint_path(run_dir)}; the same command resumes it")
+    else:
+        say(f"final val loss {result.val_loss:.4f} after {result.tokens:,} tokens ({result.steps} steps) "
+            f"in {result.wall_s:.0f} s\nrun dir: {run_dir}")
     return result
