@@ -56,7 +56,7 @@ class Run:
 
     @property
     def budget(self) -> int:
-        return self.config["budget"]["tokens"] // self.config["data"]["batch_tokens"] * self.config["data"]["batch_tokens"]
+        return self.total_steps * self.config["data"]["batch_tokens"]
 
     @property
     def total_steps(self) -> int:
@@ -300,22 +300,29 @@ def plot(groups: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 4.5), squeeze=False)
-    for ax, ((model, data), (runs, rows)) in zip(axes[0], groups.items()):
-        for arm in sorted(arms_of(runs), key=lambda a: statistics.fmean(a.losses)):
-            tokens = [t for t, _ in arm.runs[0].evals]
-            curves = [[l for _, l in r.evals] for r in arm.runs if len(r.evals) == len(tokens)]
-            mean = [statistics.fmean(c) for c in zip(*curves)]
-            line, = ax.plot(tokens, mean, label=f"{arm.label} ({arm.budget:,})" if len({a.budget for a in arms_of(runs)}) > 1 else arm.label)
-            if len(curves) > 1:
-                ax.fill_between(tokens, [min(c) for c in zip(*curves)], [max(c) for c in zip(*curves)], alpha=0.2, color=line.get_color())
+    arms_by_group = [sorted(arms_of(runs), key=lambda a: statistics.fmean(a.losses)) for runs, _ in groups.values()]
+    legend_columns = [math.ceil((len(arms) + 1) / 24) for arms in arms_by_group]  # the legend sits right of its plot
+    fig, axes = plt.subplots(1, len(groups), figsize=(sum(7 + 2.2 * c for c in legend_columns), 4.5), squeeze=False,
+                             width_ratios=[7 + 2.2 * c for c in legend_columns])
+    palette = plt.get_cmap("tab20").colors
+    for ax, ((model, data), (_, rows)), arms, columns in zip(axes[0], groups.items(), arms_by_group, legend_columns):
+        several_budgets = len({a.budget for a in arms}) > 1
+        for i, arm in enumerate(arms):  # a colour per arm (tab20), then the colours again dashed, dotted, ...
+            color, style = palette[(2 * i) % 20 + (2 * i) // 20 % 2], ("-", "--", ":", "-.")[i // 20 % 4]
+            tokens, mean = zip(*arm.mean_curve)
+            ax.plot(tokens, mean, color=color, linestyle=style,
+                    label=f"{arm.label} ({arm.budget:,})" if several_budgets else arm.label)
+            if len(arm.runs) > 1:
+                curves = [dict(r.evals) for r in arm.runs]
+                ax.fill_between(tokens, [min(c[t] for c in curves) for t in tokens], [max(c[t] for c in curves) for t in tokens],
+                                alpha=0.15, color=color)
         ax.axhline(rows[0]["target"], color="black", linestyle="--", linewidth=1, label=f"target {rows[0]['target']:.3f}")
         ax.set(xlabel="tokens", ylabel="validation loss", title=f"{model} on {data}")
         ax.set_ylim(top=min(ax.get_ylim()[1], rows[0]["target"] + 1.5))
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=columns)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
 
 
 def main(argv: list[str]) -> int:
@@ -331,6 +338,10 @@ def main(argv: list[str]) -> int:
             raise TableError(f"no run dirs (metrics.csv + .hydra/) under {', '.join(map(str, args.dirs))}")
         unfinished = [r for r in runs if not r.finished]
         finished = [r for r in runs if r.finished]
+        if not finished:
+            raise TableError(f"none of the {len(runs)} run(s) under {', '.join(map(str, args.dirs))} has finished: "
+                             + "; ".join(f"{r.path} at step {r.rows[-1]['step'] if r.rows else 0} of {r.total_steps}"
+                                         for r in unfinished))
         by_group = defaultdict(list)
         for run in finished:
             by_group[group_key(run)].append(run)

@@ -112,6 +112,8 @@ def test_unfinished_runs_are_listed_and_left_out(tmp_path):
      "no finished run of the baseline optim=muon in this group (optimizers present: ['adamw']); pick one with --baseline"),
     (lambda root: (fake_run(root, "a", "muon", curve(4.0)), fake_run(root, "b", "muon", curve(4.0), data="c4")), ["--target", "4.1"],
      "--target is one loss, but the runs hold 2 model/data groups (gpt2_tiny on shakespeare, gpt2_tiny on c4): pass the directories of one group"),
+    (lambda root: (root / fake_run(root, "a", "muon", curve(4.0)) / "metrics.csv").write_text("tokens,step,val_loss\n100,1,9.0\n"), [],
+     "none of the 1 run(s) under"),
 ])
 def test_bad_input_messages(tmp_path, setup, args, message):
     setup(tmp_path)
