@@ -5,7 +5,7 @@ All three coincide at β = 0."""
 from __future__ import annotations
 
 from optim.matrix import MatrixOptimizer, orthogonalizer_settings
-from optim.stages import Momentum, Orthogonalize
+from optim.stages import Momentum, Orthogonalize, is_sum_form
 
 
 class PrePolar(MatrixOptimizer):
@@ -13,17 +13,19 @@ class PrePolar(MatrixOptimizer):
 
         M_t = β M_{t−1} + (1 − β) G_t,    W_t = W_{t−1} (1 − η λ) − η s(m, n) polar(M_t)
 
+    (``momentum_form="sum"``: B_t = β B_{t−1} + G_t, Moonlight's buffer; the same polar factor.)
     Stages: Momentum(nesterov off) → Orthogonalize. The theory uses the exact polar factor
     (``orthogonalizer="svd"``); the default is five Keller Jordan steps, as in practice. Nesterov is
     off as in the theory; ``nesterov=True`` is the extension (then it is Muon).
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = False, ns_steps: int = 5, ns_coefficients="kj", ns_dtype="auto", ns_eps: float = 1e-7,
-                 ns_norm: str = "clamp", orthogonalizer: str = "newton_schulz", adjust_lr_fn: str = "original"):
+                 nesterov: bool = False, momentum_form: str = "ema", ns_steps: int = 5, ns_coefficients="kj",
+                 ns_dtype="auto", ns_eps: float = 1e-7, ns_norm: str = "clamp", orthogonalizer: str = "newton_schulz",
+                 adjust_lr_fn: str = "match_rms_adamw"):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn=adjust_lr_fn,
                         **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
-        super().__init__(params, defaults, (Momentum(nesterov=nesterov), Orthogonalize()))
+        super().__init__(params, defaults, (Momentum(nesterov=nesterov, sum_scale=is_sum_form(momentum_form)), Orthogonalize()))
 
 
 class PostPolar(MatrixOptimizer):
@@ -37,7 +39,7 @@ class PostPolar(MatrixOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  ns_steps: int = 5, ns_coefficients="kj", ns_dtype="auto", ns_eps: float = 1e-7, ns_norm: str = "clamp",
-                 orthogonalizer: str = "newton_schulz", adjust_lr_fn: str = "original"):
+                 orthogonalizer: str = "newton_schulz", adjust_lr_fn: str = "match_rms_adamw"):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn=adjust_lr_fn,
                         **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
         super().__init__(params, defaults, (Orthogonalize(), Momentum(nesterov=False)))
@@ -53,7 +55,7 @@ class PolarOnly(MatrixOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, ns_steps: int = 5, ns_coefficients="kj",
                  ns_dtype="auto", ns_eps: float = 1e-7, ns_norm: str = "clamp", orthogonalizer: str = "newton_schulz",
-                 adjust_lr_fn: str = "original"):
+                 adjust_lr_fn: str = "match_rms_adamw"):
         defaults = dict(lr=lr, weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn,
                         **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
         super().__init__(params, defaults, (Orthogonalize(),))

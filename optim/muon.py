@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from optim.matrix import MatrixOptimizer, orthogonalizer_settings
-from optim.stages import Momentum, Orthogonalize
+from optim.stages import Momentum, Orthogonalize, is_sum_form
 
 
 class Muon(MatrixOptimizer):
@@ -13,16 +13,20 @@ class Muon(MatrixOptimizer):
 
         M_t = β M_{t−1} + (1 − β) G_t                      EMA buffer (torch.optim.Muon's ``lerp_``)
         N_t = (1 − β) G_t + β M_t   if nesterov, else M_t   Keller Jordan's Nesterov form
+        (momentum_form="sum": B_t = β B_{t−1} + G_t, N_t = G_t + β B_t or B_t, Moonlight's form)
         O_t = NS_K(N_t)                                    ``orthogonalizer`` (or the exact SVD polar)
         W_t = W_{t−1} (1 − η λ) − η s(m, n) O_t            ``adjust_lr_fn`` picks s (optim/matrix.py)
 
-    Stages: Momentum(nesterov) → Orthogonalize. The constructor mirrors ``torch.optim.Muon`` (same
-    names and defaults: lr 1e-3, weight_decay 0.1, momentum 0.95, nesterov, the Keller Jordan
-    coefficients (3.4445, −4.775, 2.0315), 5 steps, eps 1e-7 for the normalisation, scale
-    "original"); with the orthogonalizer in float64 it matches torch.optim.Muon to rounding. Where
-    the references disagree we chose:
-      * momentum as an EMA (KJ, torch); Moonlight's sum buffer B_t = β B_{t−1} + G_t gives the same
-        orthogonalized update up to ε, because N_t(EMA) = (1 − β) · N_t(sum);
+    Stages: Momentum(nesterov, form) → Orthogonalize. The constructor follows ``torch.optim.Muon``
+    (lr 1e-3, weight_decay 0.1, momentum 0.95, nesterov, the Keller Jordan coefficients (3.4445,
+    −4.775, 2.0315), 5 steps, 1e-7 for the normalisation, here ``ns_eps`` as in every optimizer of
+    the library) except the scale: Moonlight's "match_rms_adamw" by default, the one ``optim=muon``
+    runs, where torch's default is "original"; with ``adjust_lr_fn="original"`` and the
+    orthogonalizer in float64 it matches torch.optim.Muon to rounding. Where the references
+    disagree we chose:
+      * momentum as an EMA (KJ, torch); ``momentum_form="sum"`` is Moonlight's sum buffer
+        B_t = β B_{t−1} + G_t, the same orthogonalized update up to ε, because
+        N_t(EMA) = (1 − β) · N_t(sum);
       * normalisation X / max(‖X‖_F, ε) as torch (``ns_norm="add"`` gives KJ's X / (‖X‖_F + ε));
       * Newton–Schulz in float32 on CPU and bfloat16 on CUDA (``ns_dtype="auto"``), where every
         PyTorch reference casts to bfloat16: bf16 matmuls are ~400× slower on CPUs without
@@ -34,9 +38,10 @@ class Muon(MatrixOptimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_coefficients="kj", eps: float = 1e-7, ns_steps: int = 5,
-                 adjust_lr_fn: str | None = None, ns_dtype="auto", orthogonalizer: str = "newton_schulz",
-                 ns_norm: str = "clamp"):
+                 nesterov: bool = True, momentum_form: str = "ema", ns_coefficients="kj", ns_eps: float = 1e-7,
+                 ns_steps: int = 5, adjust_lr_fn: str = "match_rms_adamw", ns_dtype="auto",
+                 orthogonalizer: str = "newton_schulz", ns_norm: str = "clamp"):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn=adjust_lr_fn,
-                        **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, eps, ns_norm))
-        super().__init__(params, defaults, stages=(Momentum(nesterov=nesterov), Orthogonalize()))
+                        **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
+        stages = (Momentum(nesterov=nesterov, sum_scale=is_sum_form(momentum_form)), Orthogonalize())
+        super().__init__(params, defaults, stages)

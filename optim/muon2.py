@@ -4,33 +4,36 @@
 from __future__ import annotations
 
 from optim.matrix import MatrixOptimizer, orthogonalizer_settings
-from optim.stages import Momentum, Orthogonalize, SecondMoment
+from optim.stages import Momentum, Orthogonalize, SecondMoment, is_sum_form
 
 
 class Muon2(MatrixOptimizer):
     r"""Muon² (the paper's Algorithm 1), for 2-D matrices:
 
-        B_t = β B_{t−1} + G_t                      sum momentum
+        B_t = β B_{t−1} + G_t                      sum momentum (momentum_form="ema": M_t = β M_{t−1} + (1 − β) G_t)
         V_t = β₂ V_{t−1} + (1 − β₂) G_t²            second moment of the raw gradient
         M̂_t = B_t ⊘ (sqrt(V_t) + ε)                element-wise preconditioning before Newton–Schulz
         W_t = W_{t−1} (1 − η λ) − η s(m, n) NS_3(M̂_t)
 
     Stages: Momentum(sum scale, nesterov off) → SecondMoment → Orthogonalize(3 steps). With no
     official code, the choices are: 3 Keller Jordan steps (the paper's "40 % fewer" than Muon's 5);
-    no Nesterov (the paper; the modded-nanogpt port uses Keller Jordan's, ``nesterov=True``); no bias
-    correction (a scalar on B or V cancels in Newton–Schulz up to ε); β₂ 0.95, ε 1e-10 and the
-    "original" sqrt(max(1, m/n)) scale from the port (which runs 12 convergent steps instead).
+    no Nesterov (the paper; the modded-nanogpt port uses Keller Jordan's, ``nesterov=True``); the
+    paper's sum buffer (the port feeds the unscaled EMA: ``momentum_form="ema"``, which differs
+    only through ε, since B = M/(1 − β)); no bias correction (a scalar on B or V cancels in
+    Newton–Schulz up to ε); β₂ 0.95 and ε 1e-10 from the port (which runs 12 convergent steps
+    instead, with the "original" sqrt(max(1, m/n)) scale); the 0.2·sqrt(max(m, n)) scale by
+    default, so that the matrices share AdamW's lr as in ``optim=muon2``.
     """
 
     factored = False
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 beta2: float = 0.95, eps: float = 1e-10, nesterov: bool = False, ns_steps: int = 3,
-                 ns_coefficients="kj", ns_dtype="auto", ns_eps: float = 1e-7, ns_norm: str = "clamp",
-                 orthogonalizer: str = "newton_schulz", adjust_lr_fn: str = "original"):
+                 beta2: float = 0.95, eps: float = 1e-10, nesterov: bool = False, momentum_form: str = "sum",
+                 ns_steps: int = 3, ns_coefficients="kj", ns_dtype="auto", ns_eps: float = 1e-7, ns_norm: str = "clamp",
+                 orthogonalizer: str = "newton_schulz", adjust_lr_fn: str = "match_rms_adamw"):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2, eps=eps, adjust_lr_fn=adjust_lr_fn,
                         **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
-        stages = (Momentum(nesterov=nesterov, sum_scale=True), SecondMoment(factored=self.factored), Orthogonalize())
+        stages = (Momentum(nesterov=nesterov, sum_scale=is_sum_form(momentum_form)), SecondMoment(factored=self.factored), Orthogonalize())
         super().__init__(params, defaults, stages)
 
 

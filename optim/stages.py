@@ -13,6 +13,7 @@ choices (Nesterov on/off, exact or approximate, ...) are the stage's fields.
     Momentum               M ← β M + (1−β) X;  M̂ = M/(1−β^t) (bias_correction);
                            N = (1−β) X + β M̂ (nesterov) or M̂;  N/(1−β) with sum_scale (B = M/(1−β))
     NoiseToSignal          nsr: X / (sqrt(X² + γ Γ̂) + ε)    vs: X / (sqrt(Γ̂) + ε),  Γ̂ = Γ/(1−β^t)
+                           (preserve_norm: rescaled to ‖X‖_F)
     SecondMoment           V ← β₂ V + (1−β₂) G²;  X / (sqrt(V) + ε)                         Muon²
                            factored: r ← β₂ r + (1−β₂) mean_j(G² + ε₁), c likewise over i,
                            V̂ = r cᵀ / mean(r)                                              Muon²-F
@@ -54,6 +55,16 @@ def state_tensors(step: Step, key: str, like: list[Tensor]) -> list[Tensor]:
 
 def bias_corrections(beta: float, counts: list[int]) -> list[float]:
     return [1.0 - beta**t for t in counts]
+
+
+MOMENTUM_FORMS = ("ema", "sum")
+
+
+def is_sum_form(momentum_form: str) -> bool:
+    """True for the sum buffer B = βB + G ("sum", Moonlight, Muon²), False for the EMA ("ema", KJ, torch)."""
+    if momentum_form not in MOMENTUM_FORMS:
+        raise ValueError(f"unknown momentum_form {momentum_form!r}; valid: {list(MOMENTUM_FORMS)}")
+    return momentum_form == "sum"
 
 
 class Stage:
@@ -151,9 +162,12 @@ class NoiseToSignal(Stage):
         "nsr":  X / (sqrt(X² + γ Γ̂) + ε)        noise-to-signal damping (γ → ∞ gives VS up to scale)
         "vs":   X / (sqrt(Γ̂) + ε)               variance scaling
 
-    ε outside the square root, as in the released code."""
+    ε outside the square root, as in the released code. With ``preserve_norm`` the result is
+    rescaled to ‖X‖_F per matrix (for a normaliser placed after Newton–Schulz, whose output has a
+    fixed norm that the element-wise division would otherwise change by orders of magnitude)."""
 
     kind: str = "nsr"
+    preserve_norm: bool = False
 
     def __post_init__(self):
         if self.kind not in ("nsr", "vs"):
@@ -169,7 +183,12 @@ class NoiseToSignal(Stage):
             torch._foreach_addcmul_(variance, updates, updates)
             denominator = torch._foreach_sqrt(variance)
         torch._foreach_add_(denominator, eps)
-        return torch._foreach_div(updates, denominator)
+        normalised = torch._foreach_div(updates, denominator)
+        if self.preserve_norm:
+            ratios = [a / b.clamp(min=torch.finfo(b.dtype).tiny) for a, b in
+                      zip(torch._foreach_norm(updates), torch._foreach_norm(normalised))]
+            torch._foreach_mul_(normalised, ratios)
+        return normalised
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,13 @@ from optim.matrix import MatrixOptimizer, orthogonalizer_settings
 from optim.stages import GradientVariance, Momentum, NoiseToSignal, Orthogonalize
 
 
-def _variance_adaptive_stages(kind: str):
+def _variance_adaptive_stages(kind: str, reshuffled: bool = False):
     """Γ before M (the paper's order), the bias-corrected look-ahead M̃ = G + β/(1−β) M̂, the
-    normaliser, Newton–Schulz."""
-    return (GradientVariance(), Momentum(nesterov=True, sum_scale=True, bias_correction=True), NoiseToSignal(kind),
-            Orthogonalize())
+    normaliser, Newton–Schulz (reshuffled: Newton–Schulz, then the normaliser, norm-preserving)."""
+    head = (GradientVariance(), Momentum(nesterov=True, sum_scale=True, bias_correction=True))
+    if reshuffled:
+        return head + (Orthogonalize(), NoiseToSignal(kind, preserve_norm=True))
+    return head + (NoiseToSignal(kind), Orthogonalize())
 
 
 class MuonNSR(MatrixOptimizer):
@@ -33,15 +35,21 @@ class MuonNSR(MatrixOptimizer):
     inside); both M and Γ are divided by (1 − β^t) (the code; a comment says β(1 − β^t) for Γ); the
     look-ahead is always applied (the released classes accept and ignore a ``nesterov`` flag).
     γ → ∞ gives Muon-VS; γ → 0 gives Newton–Schulz of sign(M̃).
+
+    ``reshuffled=True`` is the paper's "Muon-NSR-Reshuffled" ablation, the normalisation after
+    Newton–Schulz: O_t = NS_5(M̃_t), then Ō_t = O_t ⊘ (sqrt(O_t² + γ Γ̂_t) + ε) rescaled to ‖O_t‖_F,
+    W_t = W_{t−1} (1 − η λ) − η · 0.2 sqrt(max(m, n)) · Ō_t. Its exact form is not public; the
+    rescale is ours (NorMuon's convention), so that the update keeps Muon's RMS whatever the scale
+    of Γ (without it the division maps O to ≈ sign(O) or ≈ 0).
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 gamma: float = 10.0, eps: float = 1e-8, ns_steps: int = 5, ns_coefficients="kj", ns_dtype="auto",
-                 ns_eps: float = 1e-7, ns_norm: str = "clamp", orthogonalizer: str = "newton_schulz",
-                 adjust_lr_fn: str = "match_rms_adamw"):
+                 gamma: float = 10.0, eps: float = 1e-8, reshuffled: bool = False, ns_steps: int = 5,
+                 ns_coefficients="kj", ns_dtype="auto", ns_eps: float = 1e-7, ns_norm: str = "clamp",
+                 orthogonalizer: str = "newton_schulz", adjust_lr_fn: str = "match_rms_adamw"):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, gamma=gamma, eps=eps, adjust_lr_fn=adjust_lr_fn,
                         **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
-        super().__init__(params, defaults, _variance_adaptive_stages("nsr"))
+        super().__init__(params, defaults, _variance_adaptive_stages("nsr", reshuffled))
 
 
 class MuonVS(MatrixOptimizer):

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from conftest import ROOT
 from optim import MARSM, Muon, Muon2, Muon2F, MuonNSR, MuonVS, PolarOnly, PostPolar, PrePolar
-from optim.orthogonalize import polar_svd
+from optim.orthogonalize import newton_schulz, polar_svd
 
 SHAPES = [(24, 12), (12, 24), (16, 16)]  # tall, wide, square
 STEPS = 6
@@ -111,14 +112,14 @@ def transcribe_variance_adaptive(kind, gamma, eps):
     return Ws, {"momentum_buffer": Ms, "variance": Gs}
 
 
-def transcribe_muon2(factored, beta2, eps, eps1=1e-30):
+def transcribe_muon2(factored, beta2, eps, eps1=1e-30, form="sum", orthogonalize=polar_svd):
     W0, grads, _ = trajectory()
     Ws, Bs = list(W0), [torch.zeros_like(w) for w in W0]
     Vs = [torch.zeros_like(w) for w in W0]
     rs, cs = [torch.zeros(w.shape[0], dtype=w.dtype) for w in W0], [torch.zeros(w.shape[1], dtype=w.dtype) for w in W0]
     for G_t in grads:
         for i, G in enumerate(G_t):
-            Bs[i] = BETA * Bs[i] + G  # sum momentum
+            Bs[i] = BETA * Bs[i] + (G if form == "sum" else (1 - BETA) * G)  # sum momentum, or the port's EMA
             if factored:
                 rs[i] = beta2 * rs[i] + (1 - beta2) * (G**2 + eps1).mean(dim=1)
                 cs[i] = beta2 * cs[i] + (1 - beta2) * (G**2 + eps1).mean(dim=0)
@@ -126,9 +127,9 @@ def transcribe_muon2(factored, beta2, eps, eps1=1e-30):
             else:
                 Vs[i] = beta2 * Vs[i] + (1 - beta2) * G**2
                 V = Vs[i]
-            Ws[i] = apply(Ws[i], polar_svd(Bs[i] / (torch.sqrt(V) + eps)), "original")
+            Ws[i] = apply(Ws[i], orthogonalize(Bs[i] / (torch.sqrt(V) + eps)), "match_rms_adamw")
     # the optimizer keeps the EMA M = (1 - β) B
-    state = {"momentum_buffer": [(1 - BETA) * b for b in Bs]}
+    state = {"momentum_buffer": [(1 - BETA) * b if form == "sum" else b for b in Bs]}
     state.update({"row_moment": rs, "col_moment": cs} if factored else {"second_moment": Vs})
     return Ws, state
 
@@ -139,7 +140,7 @@ def transcribe_post_polar():
     for G_t in grads:
         for i, G in enumerate(G_t):
             Ms[i] = BETA * Ms[i] + (1 - BETA) * polar_svd(G)
-            Ws[i] = apply(Ws[i], Ms[i], "original")
+            Ws[i] = apply(Ws[i], Ms[i], "match_rms_adamw")
     return Ws, {"momentum_buffer": Ms}
 
 
@@ -148,7 +149,7 @@ def transcribe_polar_only():
     Ws = list(W0)
     for G_t in grads:
         for i, G in enumerate(G_t):
-            Ws[i] = apply(Ws[i], polar_svd(G), "original")
+            Ws[i] = apply(Ws[i], polar_svd(G), "match_rms_adamw")
     return Ws, {}
 
 
@@ -191,8 +192,63 @@ def test_muon2_equations(cls, factored):
           *transcribe_muon2(factored, 0.9, 1e-10))
 
 
+def test_muon2_with_the_ports_ema_momentum():
+    """B = M/(1 − β) is a scalar, so only Newton–Schulz's normalisation ε tells the forms apart: a large one here."""
+    ns = dict(lr=LR, weight_decay=WD, momentum=BETA, beta2=0.9, eps=1e-10, ns_dtype="float64", ns_norm="add", ns_eps=3.0)
+    orthogonalize = lambda X: newton_schulz(X, 3, "kj", torch.float64, 3.0, "add")  # noqa: E731
+    ema = run_optimizer(lambda ps: Muon2(ps, momentum_form="ema", **ns))
+    check(*ema, *transcribe_muon2(False, 0.9, 1e-10, form="ema", orthogonalize=orthogonalize))
+    summed = run_optimizer(lambda ps: Muon2(ps, **ns))
+    check(*summed, *transcribe_muon2(False, 0.9, 1e-10, orthogonalize=orthogonalize))
+    assert rel(ema[0][0].detach(), summed[0][0].detach()) > 1e-3
+
+
+def transcribe_moonlight(nesterov, ns_eps):
+    """Moonlight's sum buffer B = βB + G, N = G + βB (Nesterov) or B, then Newton–Schulz with X / (‖X‖_F + ε)."""
+    W0, grads, _ = trajectory()
+    Ws, Bs = list(W0), [torch.zeros_like(w) for w in W0]
+    for G_t in grads:
+        for i, G in enumerate(G_t):
+            Bs[i] = BETA * Bs[i] + G
+            N = G + BETA * Bs[i] if nesterov else Bs[i]
+            Ws[i] = apply(Ws[i], newton_schulz(N, 5, "kj", torch.float64, ns_eps, "add"), "match_rms_adamw")
+    return Ws, {"momentum_buffer": [(1 - BETA) * b for b in Bs]}
+
+
+@pytest.mark.parametrize("cls,nesterov", [(Muon, True), (Muon, False), (PrePolar, False)])
+def test_sum_momentum_form_is_moonlights_buffer(cls, nesterov):
+    """With a large normalisation ε the two forms differ (only ε sees the factor 1/(1 − β) between them)."""
+    ns = dict(lr=LR, weight_decay=WD, momentum=BETA, nesterov=nesterov, ns_dtype="float64", ns_norm="add", ns_eps=3.0)
+    check(*run_optimizer(lambda ps: cls(ps, momentum_form="sum", **ns)), *transcribe_moonlight(nesterov, 3.0))
+    ema, _ = run_optimizer(lambda ps: cls(ps, **ns))
+    summed, _ = run_optimizer(lambda ps: cls(ps, momentum_form="sum", **ns))
+    assert rel(ema[0].detach(), summed[0].detach()) > 1e-3
+
+
+def test_unknown_momentum_form_names_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown momentum_form 'nesterov'; valid: \['ema', 'sum'\]"):
+        Muon([torch.nn.Parameter(torch.zeros(4, 4))], momentum_form="nesterov")
+
+
+def test_muon_nsr_reshuffled_normalises_after_newton_schulz():
+    """Muon-NSR-Reshuffled (our form, optim/variance_adaptive.py): O = polar(M̃), Ō = O / (sqrt(O² + γΓ̂) + ε) · ‖O‖/‖·‖."""
+    W0, grads, _ = trajectory()
+    Ws, Ms, Gs = list(W0), [torch.zeros_like(w) for w in W0], [torch.zeros_like(w) for w in W0]
+    gamma, eps = 10.0, 1e-8
+    for t, G_t in enumerate(grads, start=1):
+        for i, G in enumerate(G_t):
+            Gs[i] = BETA * Gs[i] + BETA * (1 - BETA) * (Ms[i] - G) ** 2
+            Ms[i] = BETA * Ms[i] + (1 - BETA) * G
+            M_tilde = G + BETA / (1 - BETA) * Ms[i] / (1 - BETA**t)
+            O = polar_svd(M_tilde)
+            O_bar = O / (torch.sqrt(O**2 + gamma * Gs[i] / (1 - BETA**t)) + eps)
+            Ws[i] = apply(Ws[i], O_bar * O.norm() / O_bar.norm(), "match_rms_adamw")
+    check(*run_optimizer(lambda ps: MuonNSR(ps, momentum=BETA, gamma=gamma, eps=eps, reshuffled=True, **SVD)),
+          Ws, {"momentum_buffer": Ms, "variance": Gs})
+
+
 def test_pre_polar_equations():
-    check(*run_optimizer(lambda ps: PrePolar(ps, momentum=BETA, **SVD)), *transcribe_muon(False, "original"))
+    check(*run_optimizer(lambda ps: PrePolar(ps, momentum=BETA, **SVD)), *transcribe_muon(False, "match_rms_adamw"))
 
 
 def test_post_polar_equations():
@@ -316,6 +372,35 @@ def test_state_dict_round_trip_continues_identically(name):
         feed_and_step(opt, params, grads[t], lookahead[t])
     for a, b in zip(params, straight):
         assert torch.equal(a.detach(), b.detach())
+
+
+MATRIX_CONFIGS = sorted(p.stem for p in (ROOT / "configs" / "optim").glob("*.yaml")
+                        if "optim." in (ROOT / "configs" / "optim" / p.name).read_text())
+
+
+@pytest.mark.parametrize("name", MATRIX_CONFIGS)
+def test_python_defaults_are_the_optim_configs(name):
+    """`optim.Muon2(params)` is the optimizer `optim=muon2` runs: every hyperparameter its config sets, except the
+    run-level lr (shared with AdamW through optim.lr), is the class default."""
+    import inspect
+
+    from trainer.config import compose
+
+    matrix = compose([f"optim={name}"]).optim.matrix
+    cls = getattr(__import__("optim"), matrix._target_.split(".")[-1])
+    defaults = {k: v.default for k, v in inspect.signature(cls).parameters.items() if k != "params"}
+    for key, value in matrix.items():
+        if key not in ("_target_", "lr"):
+            assert defaults[key] == (list(value) if hasattr(value, "__len__") and not isinstance(value, str) else value), key
+
+
+@pytest.mark.parametrize("cls", [MARSM, Muon, Muon2, Muon2F, MuonNSR, MuonVS, PolarOnly, PostPolar, PrePolar])
+def test_one_name_for_the_newton_schulz_epsilon(cls):
+    import inspect
+
+    parameters = inspect.signature(cls).parameters
+    assert parameters["ns_eps"].default == 1e-7
+    assert ("eps" in parameters) == (cls in (Muon2, Muon2F, MuonNSR, MuonVS))  # eps is the preconditioner's own
 
 
 def test_defaults_follow_the_released_code():
