@@ -24,7 +24,7 @@ test-slow: install-dev ## the slow end-to-end tests (~20 min: the default run, r
 	$(PY) -m pytest -m slow $(ARGS)
 
 count-params: install ## parameter counts of every named model size
-	@for m in gpt2_125m gpt2_350m gpt2_774m gpt2_1.5b llama_60m llama_130m llama_350m llama_1b; do $(PY) scripts/count_params.py model=$$m; done
+	@for m in gpt2_125m gpt2_350m gpt2_774m gpt2_1.5b llama_60m llama_130m llama_350m llama_1b llama_marin_130m llama_marin_300m llama_marin_520m llama_marin_1.2b llama_suite_a_210m llama_suite_a_720m; do $(PY) scripts/count_params.py model=$$m; done
 
 clean-runs: ## delete runs/ and multiruns/
 	rm -rf runs multiruns

@@ -14,6 +14,9 @@ import torch.nn as nn
 
 from models.gpt2 import GPT2, GPT2Config
 from models.llama import Llama, LlamaConfig
+from models.rope import LAYOUTS as ROPE_LAYOUTS
+
+POSITIONS = ("learned", "rope")  # GPT-2's position encodings
 
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "gpt2": (GPT2Config, GPT2),
@@ -52,8 +55,13 @@ def config_problems(config: GPT2Config | LlamaConfig) -> list[str]:
             f"model.n_embd={config.n_embd} is not divisible by model.n_head={config.n_head} "
             f"(valid n_head for this width: {valid[:12]}{' ...' if len(valid) > 12 else ''})"
         )
-    if isinstance(config, LlamaConfig) and config.n_head >= 1 and (config.n_embd // config.n_head) % 2:
-        problems.append(f"LLaMA head dim n_embd/n_head={config.n_embd // config.n_head} must be even for RoPE")
+    if isinstance(config, GPT2Config) and config.pos not in POSITIONS:
+        problems.append(f"model.pos={config.pos!r} is not one of {list(POSITIONS)}")
+    if isinstance(config, LlamaConfig) and config.rope_layout not in ROPE_LAYOUTS:
+        problems.append(f"model.rope_layout={config.rope_layout!r} is not one of {list(ROPE_LAYOUTS)}")
+    uses_rope = isinstance(config, LlamaConfig) or config.pos == "rope"
+    if uses_rope and config.n_head >= 1 and (config.n_embd // config.n_head) % 2:
+        problems.append(f"head dim n_embd/n_head={config.n_embd // config.n_head} must be even for RoPE")
     return problems
 
 

@@ -3,6 +3,13 @@
 Pre-LayerNorm transformer: learned absolute positions, LayerNorm, GELU MLP (4x), causal SDPA
 attention with a fused qkv projection, optional biases, and a head tied to the token embedding.
 At vocab 50257, context 1024, with biases: gpt2_125m has 124,439,808 parameters.
+
+Options the papers' forks use:
+  pos="rope"                         rotary positions on q and k instead of ``wpe`` (interleaved
+                                     pairs, θ = 10000: Variance-Adaptive-Muon NanoGPT/gpt2/models/model.py)
+  tie_head=False                     an LM head of its own (the same file: ``weight_tying = False``)
+  scale_attn_by_inverse_layer_idx    scores q·kᵀ/(sqrt(d)·(l + 1)) in block l = 0, 1, ... (AGI-Arena/MARS
+                                     model.py, True in all its training scripts)
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.attention import causal_attention
+from models.rope import apply_rope, rope_tables
 
 
 @dataclass
@@ -26,6 +34,10 @@ class GPT2Config:
     block_size: int = 1024  # context length (number of learned positions)
     bias: bool = True  # biases in Linear and LayerNorm, as in OpenAI's GPT-2
     dropout: float = 0.0
+    pos: str = "learned"  # "learned": a wpe table (GPT-2); "rope": rotary positions on q and k
+    rope_theta: float = 10000.0
+    tie_head: bool = True  # the LM head is the token embedding (GPT-2)
+    scale_attn_by_inverse_layer_idx: bool = False  # attention scores also divided by (layer index + 1)
 
     @property
     def context_length(self) -> int:
@@ -33,18 +45,22 @@ class GPT2Config:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPT2Config):
+    def __init__(self, cfg: GPT2Config, layer: int):
         super().__init__()
         self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
+        head_dim = cfg.n_embd // cfg.n_head  # scores q·kᵀ · scale; None: SDPA's 1/sqrt(head_dim)
+        self.scale = 1.0 / math.sqrt(head_dim) / (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = causal_attention(q, k, v, dropout=self.dropout if self.training else 0.0)
+        if rope is not None:
+            q, k = (apply_rope(t, *rope, layout="interleaved") for t in (q, k))
+        y = causal_attention(q, k, v, dropout=self.dropout if self.training else 0.0, scale=self.scale)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -59,15 +75,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPT2Config):
+    def __init__(self, cfg: GPT2Config, layer: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, layer)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -76,17 +92,25 @@ class GPT2(nn.Module):
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied head
+        if cfg.tie_head:
+            self.lm_head.weight = self.wte.weight
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """N(0, 0.02) weights, residual projections N(0, 0.02/sqrt(2L)) (GPT-2 paper §2.3)."""
-        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        """N(0, 0.02) weights, residual projections N(0, 0.02/sqrt(2L)) (GPT-2 paper §2.3); the RoPE
+        tables too with pos="rope" (they are not saved, so an empty-initialised model needs them)."""
+        cfg = self.config
+        if cfg.pos == "rope":
+            cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=residual_std if name.endswith(".proj") else 0.02)
@@ -98,9 +122,11 @@ class GPT2(nn.Module):
                 module.reset_parameters()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        T = idx.shape[1]
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.wte(idx)
+        rope = (self.rope_cos, self.rope_sin) if self.wpe is None else None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        x = self.drop(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, rope)
         return self.lm_head(self.ln_f(x))

@@ -1,7 +1,7 @@
 """LLaMA (Touvron et al. 2023) in the GaLore configuration used by the Muon-family papers.
 
-RMSNorm (pre-norm), rotary position embeddings, SwiGLU MLP, no biases, untied LM head, causal
-SDPA attention. At vocab 32000 the named sizes match GaLore's configs (llama_60m: 58.1M,
+RMSNorm (pre-norm), rotary position embeddings, SwiGLU MLP, no biases, untied LM head (tied with
+``tie_head``, as Suite A), causal SDPA attention. At vocab 32000 the named sizes match GaLore's configs (llama_60m: 58.1M,
 llama_1b: 1339.1M); with the padded GPT-2 vocab 50304 they are 76.8M and 1414.1M.
 """
 
@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.attention import causal_attention
+from models.rope import apply_rope, rope_tables
 
 
 @dataclass
@@ -25,32 +26,21 @@ class LlamaConfig:
     vocab_size: int = 50304
     max_seq_len: int = 1024  # context length (RoPE tables are built for this many positions)
     rope_theta: float = 10000.0
+    rope_layout: str = "half"  # "half": HF/GaLore's rotate_half; "interleaved": Meta's and Suite A's pairs
     norm_eps: float = 1e-6
     dropout: float = 0.0
+    tie_head: bool = False  # True: the LM head is the token embedding (Suite A)
 
     @property
     def context_length(self) -> int:
         return self.max_seq_len
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (max_seq_len, head_dim/2) for the rotation angle pos * theta^(-2i/d)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the feature pairs (i, i + head_dim/2) of x: (batch, heads, seq, head_dim), HF's layout."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[: x.shape[2]], sin[: x.shape[2]]
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_head = cfg.n_head
+        self.rope_layout = cfg.rope_layout
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
@@ -60,8 +50,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         heads = lambda t: t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # noqa: E731
-        q = apply_rope(heads(self.q_proj(x)), cos, sin)
-        k = apply_rope(heads(self.k_proj(x)), cos, sin)
+        q = apply_rope(heads(self.q_proj(x)), cos, sin, self.rope_layout)
+        k = apply_rope(heads(self.k_proj(x)), cos, sin, self.rope_layout)
         y = causal_attention(q, k, heads(self.v_proj(x)), dropout=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -98,6 +88,8 @@ class Llama(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_head:
+            self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.reset_parameters()
