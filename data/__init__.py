@@ -15,6 +15,7 @@ from data.batches import TrainBatches, validation_windows
 from data.sampler import SequenceSampler, step_indices
 from data.shards import DataError, TokenSet, TokenStream, open_token_set, read_meta
 from data.hf import hf_dataset_dir, prepare_hf
+from data.lock import preparation_lock
 from data.text import check_source, prepare_text_file, text_dataset_dir
 from data.tokenizer import EOT_ID, N_VOCAB, gpt2_tokenizer
 
@@ -35,7 +36,14 @@ def dataset_dir(cfg: Mapping) -> Path:
 
 
 def prepare(cfg: Mapping) -> Path:
-    """Tokenize the source into shards: a complete result is reused, a partial or corrupt one rewritten."""
+    """Tokenize the source into shards: a complete result is reused, a partial or corrupt one rewritten.
+    One process at a time (data/lock.py): one that waited for another reuses the other's result."""
+    with preparation_lock(dataset_dir(cfg)):
+        return prepare_unlocked(cfg)
+
+
+def prepare_unlocked(cfg: Mapping) -> Path:
+    """prepare() without the lock, for a caller that holds it."""
     _check_kind(cfg)
     if cfg["kind"] == "hf":
         return prepare_hf(cfg)
@@ -43,8 +51,9 @@ def prepare(cfg: Mapping) -> Path:
 
 
 def open_dataset(cfg: Mapping) -> TokenSet:
-    """The prepared token set, preparing it on first use; a corrupt one is an error, not rewritten
-    behind the user's back (`scripts/prepare_data.py` rewrites it)."""
+    """The prepared token set, preparing it on first use (under the lock, so once however many processes
+    open it); a corrupt one is an error, not rewritten behind the user's back (`scripts/prepare_data.py`
+    rewrites it)."""
     directory = dataset_dir(cfg)
     if read_meta(directory) is None:
         prepare(cfg)

@@ -1,4 +1,4 @@
-"""Hugging Face datasets (OpenWebText, C4): from the hub, or from local files in the hub's layout.
+"""Hugging Face datasets (OpenWebText, C4, FineWeb-Edu): from the hub, or from local files in the hub's layout.
 
     hub     load_dataset(hf_path, hf_name, revision=...)      C4: allenai/c4 "en", streamed
     local   load_dataset("json" | "parquet", data_files=...)  the files a hub download leaves on disk
@@ -7,7 +7,10 @@
 `split_files` patterns (C4: c4-train.*.json.gz / c4-validation.*.json.gz). A dataset without a
 validation split (OpenWebText) holds out a fixed fraction of its documents instead, nanoGPT's rule:
 `train_test_split(test_size=0.0005, seed=2357, shuffle=True)`, so every run validates on the same
-documents. Without network a hub load fails within seconds, naming the local-files command.
+documents. FineWeb-Edu (no validation split either) validates on the first `val_head_tokens` tokens
+of the tokenized train stream and trains on the rest, llm.c's rule (its first 100M-token shard is
+"val"); the document crossing the boundary is split. Without network a hub load fails within seconds,
+naming the local-files command.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from data.prepare import base_meta, finish, tokenize, write_split
+from data.prepare import base_meta, finish, split_head, tokenize, write_split
 from data.shards import FORMAT_VERSION, DataError, is_complete
 from data.tokenizer import RANKS_SHA256
 
@@ -109,13 +112,28 @@ def hf_dataset_dir(cfg: Mapping) -> Path:
         "val_fraction": cfg["val_fraction"], "val_seed": cfg["val_seed"], "max_tokens": cfg["max_tokens"],
         "text_field": cfg["text_field"],
     }
+    if cfg["val_head_tokens"] is not None:  # only when set, so the C4 / OpenWebText caches keep their names
+        fingerprint["val_head_tokens"] = cfg["val_head_tokens"]
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:10]
     return Path(cfg["cache_dir"]) / f"{cfg['name']}-{digest}"
+
+
+def check_validation_rule(cfg: Mapping) -> None:
+    """At most one way to make the validation split; val_head_tokens fixes its size itself."""
+    head = cfg["val_head_tokens"]
+    if head is None:
+        return
+    if cfg["val_fraction"] is not None or cfg["val_max_tokens"] is not None:
+        raise DataError(f"data.val_head_tokens={head} makes the validation split (the first {head} tokens of the train "
+                        f"stream): set data.val_fraction=null and data.val_max_tokens=null, or data.val_head_tokens=null")
+    if int(head) <= 0:
+        raise DataError(f"data.val_head_tokens={head} must be a positive number of tokens (or null)")
 
 
 def prepare_hf(cfg: Mapping) -> Path:
     """Tokenize the train and validation splits into shards (idempotent: a complete, valid result is
     reused; a partial or corrupt one is rewritten)."""
+    check_validation_rule(cfg)
     out_dir = hf_dataset_dir(cfg)
     if is_complete(out_dir):
         return out_dir
@@ -127,8 +145,14 @@ def prepare_hf(cfg: Mapping) -> Path:
     hf_cache = Path(cfg["cache_dir"]) / "hf"
     field = cfg["text_field"]
     texts = lambda ds: (row[field] for row in ds)  # noqa: E731
-    held_out = cfg["val_fraction"] is not None
-    if held_out:  # one train split, a fixed fraction of its documents held out (nanoGPT's rule)
+    batches = lambda ds: tokenize(texts(ds), cfg["eot"], num_proc=int(cfg["num_proc"]))  # noqa: E731
+    held_out, head = cfg["val_fraction"] is not None, cfg["val_head_tokens"]
+    if head is not None:  # one train stream: its first `head` tokens are validation (llm.c's FineWeb split)
+        train = load_split(cfg, "train", files["train"] if files else None, hf_cache)
+        val_batches, train_batches = split_head(batches(train), int(head))
+        sources = {"val": val_batches, "train": train_batches}
+        rule = f"the first {head} tokens of the train stream (llm.c's FineWeb split)"
+    elif held_out:  # one train split, a fixed fraction of its documents held out (nanoGPT's rule)
         dataset = load_split(cfg, "train", files["train"] if files else None, hf_cache)
         parts = dataset.train_test_split(test_size=cfg["val_fraction"], seed=cfg["val_seed"], shuffle=True)
         sources = {"train": parts["train"], "val": parts["test"]}
@@ -137,10 +161,15 @@ def prepare_hf(cfg: Mapping) -> Path:
         sources = {split: load_split(cfg, split, files[split] if files else None, hf_cache) for split in ("train", "val")}
         rule = "the dataset's own validation split"
     meta = base_meta(cfg["name"], cfg["eot"], source_description(cfg), rule, cfg["val_seed"] if held_out else None)
-    meta["config"] = {k: cfg[k] for k in ("hf_path", "hf_name", "hf_revision", "text_field", "val_fraction", "val_seed", "max_tokens")}
-    for split, dataset in sources.items():
-        total = len(dataset) if hasattr(dataset, "__len__") else None
+    meta["config"] = {k: cfg[k] for k in ("hf_path", "hf_name", "hf_revision", "text_field", "val_fraction", "val_seed",
+                                          "val_head_tokens", "max_tokens")}
+    for split, source in sources.items():  # datasets, or (val_head_tokens) token batches already
+        total = len(source) if hasattr(source, "__len__") else None
+        split_batches = source if head is not None else batches(source)
         cap = cfg["max_tokens"] if split == "train" else cfg["val_max_tokens"]
-        batches = tokenize(texts(dataset), cfg["eot"], num_proc=int(cfg["num_proc"]))
-        meta["splits"][split] = write_split(out_dir, split, batches, int(cfg["shard_tokens"]), cap, total)
+        meta["splits"][split] = write_split(out_dir, split, split_batches, int(cfg["shard_tokens"]), cap, total)
+    if head is not None and not meta["splits"]["train"]["tokens"]:
+        raise DataError(f"{cfg['name']}: the train stream holds only {meta['splits']['val']['tokens']:,} tokens, all of them "
+                        f"taken by data.val_head_tokens={head}; lower data.val_head_tokens")
+    meta["splits"] = {split: meta["splits"][split] for split in ("train", "val")}  # val was written first above
     return finish(out_dir, meta)

@@ -55,6 +55,32 @@ def tokenize(texts: Iterable[str], eot_placement: str = "append", num_proc: int 
         yield from pool.imap(encode, batches, chunksize=1)
 
 
+def split_head(batches: Iterable[tuple[np.ndarray, int]], n_tokens: int) -> tuple[Iterator, Iterator]:
+    """(head, tail) of one (tokens, n_documents) batch stream: head yields its first n_tokens tokens,
+    tail the rest, starting with the remainder of the batch that crosses the boundary (a document there
+    is split, as llm.c splits its FineWeb shards). Read head to its end before tail. A document is
+    counted in the part that holds its EOT."""
+    iterator, crossing = iter(batches), []
+
+    def head() -> Iterator[tuple[np.ndarray, int]]:
+        taken = 0
+        for tokens, n_docs in iterator:
+            if taken + len(tokens) >= n_tokens:
+                cut = n_tokens - taken
+                head_docs = int(np.count_nonzero(tokens[:cut] == EOT_ID))
+                crossing.append((tokens[cut:], n_docs - head_docs))
+                yield tokens[:cut], head_docs
+                return
+            taken += len(tokens)
+            yield tokens, n_docs
+
+    def tail() -> Iterator[tuple[np.ndarray, int]]:
+        yield from crossing
+        yield from iterator
+
+    return head(), tail()
+
+
 class ShardWriter:
     """Cuts one split's token stream into shards of `shard_tokens` tokens, written atomically."""
 

@@ -1,4 +1,4 @@
-"""OpenWebText and C4 through `datasets`, on fixtures written at test time in the hubs' own formats."""
+"""OpenWebText, C4 and FineWeb-Edu through `datasets`, on fixtures written at test time in the hubs' own formats."""
 
 import gzip
 import json
@@ -11,6 +11,7 @@ import torch
 
 from conftest import run_cli
 from data import DataError, TrainBatches, dataset_dir, open_dataset, prepare
+from data.prepare import encode_batch
 from data.shards import HEADER_BYTES
 from data.tokenizer import EOT_ID, gpt2_tokenizer
 from trainer.config import ASSETS, compose
@@ -46,6 +47,17 @@ def write_openwebtext(root, n_files=2):
     for i in range(n_files):
         pq.write_table(pa.table({"text": docs[i * per : (i + 1) * per]}), root / f"train-{i:05d}-of-{n_files:05d}.parquet")
     return docs[: per * n_files]
+
+
+def write_fineweb_edu(root, n_files=2, docs_per_file=60):
+    """FineWeb-Edu's layout: sample/100BT/000_00000.parquet, 001_00000.parquet, ... with a text column."""
+    docs = shakespeare_documents()[: n_files * docs_per_file]
+    (root / "sample" / "100BT").mkdir(parents=True)
+    for i in range(n_files):
+        chunk = docs[i * docs_per_file : (i + 1) * docs_per_file]
+        pq.write_table(pa.table({"text": chunk, "id": [f"<urn:uuid:{i}-{j}>" for j in range(len(chunk))], "score": [3.1] * len(chunk)}),
+                       root / "sample" / "100BT" / f"{i:03d}_00000.parquet")
+    return docs
 
 
 def encoded(documents) -> list[int]:
@@ -188,3 +200,44 @@ def test_prepare_data_script_and_training_on_local_c4(tmp_path, cache_dir):
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert [r["tokens"] for r in rows if "val_loss" in r] == [1280, 2560]
     assert rows[-1]["val_loss"] == result.val_loss < rows[0]["train_loss"]
+
+
+def fineweb_cfg(tmp_path, *overrides):
+    return compose(["data=fineweb_edu", f"data.data_files={tmp_path / 'fw'}", f"paths.cache_dir={tmp_path / 'cache'}",
+                    "data.val_head_tokens=300", "data.shard_tokens=1000", "data.num_proc=1", *overrides]).data
+
+
+def test_fineweb_edu_validates_on_the_head_of_the_train_stream(tmp_path):
+    docs = write_fineweb_edu(tmp_path / "fw")
+    tokens = open_dataset(fineweb_cfg(tmp_path))
+    stream = encode_batch(docs, "append").tolist()  # every document in file order, as llm.c reads them
+    val, train = (tokens.splits[s].window(0, len(tokens.splits[s])).tolist() for s in ("val", "train"))
+    assert len(val) == 300 and len(val) + len(train) == len(stream) > 1000  # train spans several 1,000-token shards
+    assert val + train == stream  # the document crossing the boundary is split between the two
+    meta = tokens.meta
+    assert val[-1] != EOT_ID and meta["splits"]["val"]["documents"] + meta["splits"]["train"]["documents"] == len(docs)
+    assert meta["validation_rule"] == "the first 300 tokens of the train stream (llm.c's FineWeb split)"
+    assert meta["config"]["val_head_tokens"] == 300 and meta["seed"] is None
+    assert [f["path"].split("/")[-1] for f in meta["source"]["files"]["train"]] == ["000_00000.parquet", "001_00000.parquet"]
+
+    capped = open_dataset(fineweb_cfg(tmp_path, "data.max_tokens=500"))
+    assert capped.directory != tokens.directory  # the cap is in the fingerprint
+    assert len(capped.splits["val"]) == 300 and capped.splits["train"].window(0, len(capped.splits["train"])).tolist() == train[:500]
+
+
+def test_fineweb_edu_head_longer_than_the_stream_is_an_error(tmp_path):
+    write_fineweb_edu(tmp_path / "fw", n_files=1, docs_per_file=3)
+    with pytest.raises(DataError, match=r"fineweb_edu: the train stream holds only [\d,]+ tokens, all of them taken by "
+                                        r"data.val_head_tokens=100000; lower data.val_head_tokens"):
+        prepare(fineweb_cfg(tmp_path, "data.val_head_tokens=100000"))
+    with pytest.raises(DataError, match=r"data.val_head_tokens=300 makes the validation split \(the first 300 tokens of the train "
+                                        r"stream\): set data.val_fraction=null and data.val_max_tokens=null"):
+        prepare(fineweb_cfg(tmp_path, "data.val_fraction=0.1"))
+
+
+def test_fineweb_edu_config_is_llm_cs_split_of_sample_100bt():
+    cfg = compose(["data=fineweb_edu"]).data
+    assert (cfg.hf_path, cfg.hf_name, cfg.val_head_tokens, cfg.val_fraction, cfg.eot) == (
+        "HuggingFaceFW/fineweb-edu", "sample-100BT", 100_000_000, None, "append")
+    assert (cfg.seq_len, cfg.batch_tokens, cfg.micro_batch) == (1024, 491520, 8)
+    assert compose(["data=c4"]).data.val_head_tokens is None and compose(["data=openwebtext"]).data.val_head_tokens is None

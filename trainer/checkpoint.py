@@ -20,8 +20,8 @@ from trainer.errors import CheckpointError
 
 FORMAT = 1
 # config entries that define the training trajectory: resuming with any of them changed is refused
-TRAJECTORY_KEYS = ("model", "data.name", "data.kind", "data.source", "data.val_fraction", "data.seq_len",
-                   "data.batch_tokens", "data.seed", "optim", "schedule", "budget", "seed", "grad_clip")
+TRAJECTORY_KEYS = ("model", "data.name", "data.kind", "data.source", "data.val_fraction", "data.val_head_tokens",
+                   "data.seq_len", "data.batch_tokens", "data.seed", "optim", "schedule", "budget", "seed", "grad_clip")
 
 
 def last_checkpoint_path(run_dir: Path) -> Path:
