@@ -50,3 +50,40 @@ def test_corrupt_checkpoint(tmp_path, cache_dir):
 def test_unknown_key_is_refused_by_hydra(tmp_path, cache_dir):
     result = train(tmp_path, cache_dir, "optim.lrr=0.1")
     assert result.returncode == 1 and "Could not override 'optim.lrr'" in result.stderr
+
+
+def test_a_large_model_on_the_default_run_is_warned_about_before_anything_runs(tmp_path, cache_dir):
+    """model=llama_1b with the CPU default run's lr, gamma, data and budget: a warning naming each and the
+    experiment that pins the paper setting (here stopped by a bad budget, so nothing trains)."""
+    result = run_cli("train.py", "model=llama_1b", "optim=muon_nsr", "budget.tokens=1", f"run_dir={tmp_path / 'run'}",
+                     f"paths.cache_dir={cache_dir}")
+    assert_clean_error(result, "budget.tokens=1 is smaller than one optimizer step")
+    out = result.stdout
+    assert "warning: model=llama_1b (1414.1M parameters) runs with the settings of the CPU default run" in out
+    assert "optim=muon_nsr: optim.lr=0.012 (the default run's best), optim.matrix.gamma=10" in out
+    assert "data=shakespeare: data.seq_len=128, data.batch_tokens=1,024, budget.tokens=1" in out
+    assert "experiment=muon2_llama_1b_c4" in out
+    assert "warning: model=llama_1b (1414.1M parameters) on trainer=cpu: fp32 on the CPU" in out
+
+
+def test_the_default_run_and_small_models_get_no_warning():
+    from trainer.config import compose
+    from trainer.setting import setting_warnings
+
+    assert setting_warnings(compose([])) == []
+    assert setting_warnings(compose(["experiment=cpu_repro", "optim=muon2"])) == []
+    assert setting_warnings(compose(["experiment=mars_m_gpt2_small_owt", "optim=muon"])) == []  # a paper setting as pinned
+
+
+def test_a_streamed_corpus_without_a_token_cap_is_warned_about():
+    from trainer.config import compose
+    from trainer.setting import setting_warnings
+
+    warnings = setting_warnings(compose(["data=c4", "model=gpt2_tiny", "budget.tokens=1310720"]))
+    assert warnings == ["data=c4 with data.max_tokens=null prepares its whole train split (all of C4 is ~156B tokens, "
+                        "~46 h to tokenize, longer than the SLURM presets' 24 h); this budget needs data.max_tokens=1310976"]
+
+
+def test_a_smaller_vocabulary_than_the_tokenizer_is_a_config_error(tmp_path, cache_dir):
+    assert_clean_error(train(tmp_path, cache_dir, "model=llama_tiny", "model.vocab_size=32000"),
+                       "model.vocab_size=32000 is smaller than the tokenizer's 50257 tokens")

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
+from data import N_VOCAB
 from models import ModelConfigError, build_config, config_problems
 from optim.schedules import Schedule
 from trainer.errors import ConfigError
+from trainer.setting import setting_problems
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,12 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
         model_config = build_config(OmegaConf.to_container(cfg.model, resolve=True))
         problems += config_problems(model_config)
         context = model_config.context_length
+        if 1 <= model_config.vocab_size < N_VOCAB:
+            problems.append(
+                f"model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's {N_VOCAB} tokens: muonlab "
+                f"tokenizes every corpus with GPT-2 BPE (no LLaMA or T5 tokenizer), so token ids up to {N_VOCAB - 1} must "
+                f"have embeddings. Use model.vocab_size={N_VOCAB}, or 50304 (padded to a multiple of 64); "
+                f"`python scripts/count_params.py model=... model.vocab_size=32000` still counts a model at 32000")
     except ModelConfigError as e:
         problems.append(str(e))
 
@@ -99,6 +107,7 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
     evals = OmegaConf.select(cfg, "optim.gradient_evals_per_step", default=1)
     if evals not in (1, 2):
         problems.append(f"optim.gradient_evals_per_step={evals} must be 1, or 2 for an optimizer with a look-ahead gradient")
+    problems += setting_problems(cfg)
     if cfg.grad_clip is not None and float(cfg.grad_clip) <= 0:
         problems.append(f"grad_clip={cfg.grad_clip} must be > 0 (or null for no clipping)")
     if problems:

@@ -24,6 +24,7 @@ from trainer.metrics import read_metrics
 from trainer.module import LanguageModel
 from trainer.parallel import build_strategy, check_layout, cluster_plugins, world_size_of
 from trainer.plan import make_plan
+from trainer.setting import setting_warnings
 
 
 @dataclass
@@ -55,6 +56,8 @@ say = rank_zero_only(functools.partial(print, flush=True))  # once per run, not 
 def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
     started = time.perf_counter()
     check_layout(cfg.trainer)
+    for warning in setting_warnings(cfg):
+        say(f"warning: {warning}")
     plan = make_plan(cfg, world_size_of(cfg.trainer))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
