@@ -15,7 +15,9 @@ def test_default_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert len(rows) == 292 and rows[-1]["tokens"] == 299_008
-    assert rows[-1]["val_loss"] < 5.2  # 4.83 measured; the first eval (40k tokens) is ~6.4
+    # the README's default-run table: 4.6135 (AdamW: 5.435; the first eval, at 40k tokens, 5.914); fp32 rounding
+    # differs between CPUs, so a neighbourhood, not the digits
+    assert rows[-1]["val_loss"] == pytest.approx(4.6135, abs=0.03)
     assert f"run dir: {tmp_path / 'run'}" in result.stdout and "final val loss" in result.stdout
     assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
     assert "optim: muon" in (tmp_path / "run" / ".hydra" / "hydra.yaml").read_text()
