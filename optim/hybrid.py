@@ -159,6 +159,12 @@ class HybridOptimizer(Optimizer):
         """Whether a part needs the gradient at the current weights on the next batch (exact MARS-M)."""
         return any(getattr(opt, "needs_lookahead", False) for opt in self.parts.values())
 
+    def split_orthogonalization(self, process_group=None) -> None:
+        """Under DDP: the matrix parts divide their orthogonalization among the replicas' ranks."""
+        for opt in self.parts.values():
+            if hasattr(opt, "split_orthogonalization"):
+                opt.split_orthogonalization(process_group)
+
     def store_lookahead_gradients(self) -> None:
         for opt in self.parts.values():
             if getattr(opt, "needs_lookahead", False):

@@ -79,6 +79,7 @@ class MatrixOptimizer(Optimizer):
     def __init__(self, params, defaults: dict, stages: Sequence[Stage]):
         super().__init__(params, defaults)
         self.stages = tuple(stages)
+        self.replicated_over = None
         for group in self.param_groups:
             check_hyperparameters(type(self).__name__, group)
             for p in group["params"]:
@@ -88,13 +89,22 @@ class MatrixOptimizer(Optimizer):
                         f"{tuple(p.shape)} (route embeddings' neighbours, norms and biases to AdamW)"
                     )
 
+    def split_orthogonalization(self, process_group=None) -> None:
+        """Declare the parameters identical replicas over `process_group` (default: the world), as under
+        DDP: each rank then orthogonalizes its share of the matrices and all-gathers the rest
+        (optim/distributed.py). FSDP2's sharded parameters are divided among ranks without this."""
+        import torch.distributed as dist
+
+        self.replicated_over = process_group if process_group is not None else dist.group.WORLD
+
     def directions(self, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run the stages on the group's gradients; advances each matrix's step count."""
         states = [self.state[p] for p in params]
         for state in states:
             state["step"] = state.get("step", torch.tensor(0.0)) + 1
         grads = [p.grad for p in params]
-        step = Step(group=group, params=params, grads=grads, states=states, counts=[int(s["step"].item()) for s in states])
+        step = Step(group=group, params=params, grads=grads, states=states, counts=[int(s["step"].item()) for s in states],
+                    replicated_over=self.replicated_over)
         updates = grads
         for stage in self.stages:
             updates = stage(updates, step)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from optim.distributed import gather_whole, shard_like
+from optim.distributed import orthogonalize_distributed
 from optim.orthogonalize import Orthogonalizer
 
 
@@ -43,6 +43,7 @@ class Step:
     grads: list[Tensor]
     states: list[dict]
     counts: list[int]  # t: how many updates each matrix has had, this one included (1 at the first)
+    replicated_over: object = None  # DDP: the process group the matrices are replicated over (optim/distributed.py)
 
 
 def state_tensors(step: Step, key: str, like: list[Tensor]) -> list[Tensor]:
@@ -148,10 +149,13 @@ class Momentum(Stage):
         beta = step.group["momentum"]
         buffers = state_tensors(step, "momentum_buffer", updates)
         torch._foreach_lerp_(buffers, updates, 1.0 - beta)
-        mean = torch._foreach_div(buffers, bias_corrections(beta, step.counts)) if self.bias_correction else buffers
-        out = torch._foreach_lerp(updates, mean, beta) if self.nesterov else [m.clone() for m in mean]
-        if self.sum_scale:
-            torch._foreach_div_(out, 1.0 - beta)
+        # N = s ((1 − β) X + β M / c) (nesterov) or s M / c, with c = 1 − β^t (or 1), s = 1/(1 − β) (or 1):
+        # one scaled copy of M and one fused add, whatever the options
+        scale = 1.0 / (1.0 - beta) if self.sum_scale else 1.0
+        corrections = bias_corrections(beta, step.counts) if self.bias_correction else [1.0] * len(buffers)
+        out = torch._foreach_mul(buffers, [scale * (beta if self.nesterov else 1.0) / c for c in corrections])
+        if self.nesterov:
+            torch._foreach_add_(out, updates, alpha=scale * (1.0 - beta))
         return out
 
 
@@ -175,15 +179,17 @@ class NoiseToSignal(Stage):
 
     def __call__(self, updates, step):
         beta, eps = step.group["momentum"], step.group["eps"]
-        variance = torch._foreach_div(state_tensors(step, "variance", updates), bias_corrections(beta, step.counts))
-        if self.kind == "vs":
-            denominator = torch._foreach_sqrt(variance)
-        else:
-            torch._foreach_mul_(variance, step.group["gamma"])
-            torch._foreach_addcmul_(variance, updates, updates)
-            denominator = torch._foreach_sqrt(variance)
+        gamma = step.group["gamma"] if self.kind == "nsr" else 1.0
+        # the denominator is built in one fresh buffer: γ Γ/(1 − β^t) (+ X²), sqrt, + ε; then X / it, in place
+        denominator = torch._foreach_mul(state_tensors(step, "variance", updates),
+                                         [gamma / c for c in bias_corrections(beta, step.counts)])
+        if self.kind == "nsr":
+            torch._foreach_addcmul_(denominator, updates, updates)
+        torch._foreach_sqrt_(denominator)
         torch._foreach_add_(denominator, eps)
-        normalised = torch._foreach_div(updates, denominator)
+        torch._foreach_reciprocal_(denominator)
+        torch._foreach_mul_(denominator, updates)
+        normalised = denominator
         if self.preserve_norm:
             ratios = [a / b.clamp(min=torch.finfo(b.dtype).tiny) for a, b in
                       zip(torch._foreach_norm(updates), torch._foreach_norm(normalised))]
@@ -209,30 +215,35 @@ class SecondMoment(Stage):
 
     def __call__(self, updates, step):
         beta2, eps = step.group["beta2"], step.group["eps"]
-        squared = torch._foreach_mul(step.grads, step.grads)
         if self.factored:
+            squared = torch._foreach_mul(step.grads, step.grads)
             rows = [(g2 + self.eps1).mean(dim=-1) for g2 in squared]
             cols = [(g2 + self.eps1).mean(dim=-2) for g2 in squared]
             row_moment, col_moment = state_tensors(step, "row_moment", rows), state_tensors(step, "col_moment", cols)
             torch._foreach_lerp_(row_moment, rows, 1.0 - beta2)
             torch._foreach_lerp_(col_moment, cols, 1.0 - beta2)
-            second = [torch.outer(r, c) / r.mean() for r, c in zip(row_moment, col_moment)]
-        else:
-            second = state_tensors(step, "second_moment", squared)
-            torch._foreach_lerp_(second, squared, 1.0 - beta2)
-        denominator = torch._foreach_sqrt(second)
+            denominator = [torch.outer(r, c) / r.mean() for r, c in zip(row_moment, col_moment)]
+            torch._foreach_sqrt_(denominator)
+        else:  # V ← β₂ V + (1 − β₂) G², in place
+            second = state_tensors(step, "second_moment", step.grads)
+            torch._foreach_mul_(second, beta2)
+            torch._foreach_addcmul_(second, step.grads, step.grads, value=1.0 - beta2)
+            denominator = torch._foreach_sqrt(second)
         torch._foreach_add_(denominator, eps)
-        return torch._foreach_div(updates, denominator)
+        torch._foreach_reciprocal_(denominator)
+        torch._foreach_mul_(denominator, updates)  # X / (sqrt(V) + ε), in the one fresh buffer
+        return denominator
 
 
 @dataclass(frozen=True)
 class Orthogonalize(Stage):
     """X → NS_K(X) or polar(X), configured by the group's ns_* entries and `orthogonalizer`; the
-    result is returned in X's dtype. Sharded (FSDP2) matrices are orthogonalized whole."""
+    result is returned in X's dtype. Under FSDP2 (and DDP, when the optimizer's
+    ``split_orthogonalization()`` was called) each matrix is orthogonalized whole on one owner rank
+    (optim/distributed.py)."""
 
     def __call__(self, updates, step):
-        out = orthogonalizer_of(step.group).apply_all(gather_whole(updates))  # FSDP: whole matrices
-        return shard_like([o.to(u.dtype) for o, u in zip(out, updates)], updates)
+        return orthogonalize_distributed(orthogonalizer_of(step.group).apply_all, updates, step.replicated_over)
 
 
 def orthogonalizer_of(group: dict) -> Orthogonalizer:

@@ -72,8 +72,23 @@ def test_apply_all_groups_same_shapes_and_keeps_order():
     assert all(torch.allclose(a, orth(m), atol=1e-14) for a, m in zip(orth.apply_all(matrices), matrices))
 
 
-def test_compute_dtype_auto_is_float32_on_cpu():
-    assert newton_schulz(random_matrix(4, 4, dtype=torch.float64)).dtype == torch.float32
+def test_compute_dtype_auto_on_a_cpu_is_its_measured_choice():
+    import optim.orthogonalize as orth
+
+    expected = torch.bfloat16 if orth.cpu_prefers_bfloat16() else torch.float32
+    assert newton_schulz(random_matrix(4, 4, dtype=torch.float64)).dtype == expected
+
+
+@pytest.mark.parametrize("shape", [(8, 24), (40, 12), (3, 6, 18)])  # wide, tall, a batch: l >= 2s takes the Gram form
+@pytest.mark.parametrize("coefficients", ["kj", "polar_express"])
+def test_gram_form_has_the_iterates_last_value(shape, coefficients):
+    from optim.orthogonalize import newton_schulz_iterates
+
+    X = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    *_, last = newton_schulz_iterates(X, 5, coefficients, torch.float64)
+    assert torch.allclose(newton_schulz(X, 5, coefficients, torch.float64), last, rtol=0, atol=1e-12)
+    # float32: the error bound of the Gram form (‖Q‖ <= prod a_k) is ~1e-4, the iterates' ~1e-6
+    assert (newton_schulz(X.float(), 5, coefficients, torch.float32).double() - last).abs().max() < 1e-4
 
 
 def test_norm_conventions_differ_only_by_eps():
@@ -120,3 +135,18 @@ def test_output_spectrum_inside_each_sets_band(name, low, high):
     steps = {"kj": 5, "polar_express": 5, "convergent": 30}[name]
     s = singular_values(newton_schulz(X, steps=steps, coefficients=name, dtype=torch.float64))
     assert low < s.min() and s.max() < high
+
+
+@pytest.mark.parametrize("bf16_seconds,choice", [(0.4, "bfloat16"), (400.0, "float32"), (0.8, "float32")])
+def test_auto_dtype_on_a_cpu_is_bf16_only_where_its_matmul_is_clearly_faster(monkeypatch, capsys, bf16_seconds, choice):
+    """AMX / AVX-512 BF16: ~2x faster than fp32; without them ~400x slower; within the 1.5x margin: fp32."""
+    import optim.orthogonalize as orth
+
+    monkeypatch.setattr(orth, "matmul_seconds", lambda dtype, size: 1.0 if dtype == torch.float32 else bf16_seconds)
+    orth.cpu_prefers_bfloat16.cache_clear()
+    try:
+        assert orth.resolve_dtype("auto", torch.device("cpu")) == getattr(torch, choice)
+        assert orth.resolve_dtype("auto", torch.device("cpu")) == getattr(torch, choice)
+        assert capsys.readouterr().out.count(f"ns_dtype=auto: Newton–Schulz in {choice} on this CPU") == 1  # said once
+    finally:
+        orth.cpu_prefers_bfloat16.cache_clear()

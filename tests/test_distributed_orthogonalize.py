@@ -1,0 +1,82 @@
+"""Orthogonalization divided among ranks (optim/distributed.py), in real gloo process groups of 2 and 3
+ranks: FSDP2-style row shards (uneven, and a matrix with fewer rows than ranks) and DDP-style replicas
+give the single-process result, and each rank orthogonalizes only the matrices it owns."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from optim.distributed import assign_owners, newton_schulz_cost, orthogonalize_distributed, shard_rows
+from optim.orthogonalize import Orthogonalizer
+
+# uneven everywhere: 7 rows over 2 or 3 ranks, 2 rows over 3 (one rank holds none), 5 matrices for 2 or 3 ranks
+SHAPES = [(7, 5), (7, 5), (12, 4), (2, 6), (9, 9)]
+
+
+def matrices():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(*s, generator=g, dtype=torch.float64) for s in SHAPES]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, layout, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        orthogonalizer = Orthogonalizer(method="newton_schulz", dtype="float64")
+        seen = []
+        count = lambda ms: seen.extend(tuple(m.shape) for m in ms) or orthogonalizer.apply_all(ms)  # noqa: E731
+        whole = matrices()
+        if layout == "fsdp":
+            mesh = init_device_mesh("cpu", (world,))
+            updates = [distribute_tensor(m, mesh, [Shard(0)]) for m in whole]
+            out = [o.full_tensor() for o in orthogonalize_distributed(count, updates)]
+            assert all(o.to_local().shape[0] == shard_rows(s[0], world)[rank] for o, s in
+                       zip(orthogonalize_distributed(orthogonalizer.apply_all, updates), SHAPES))
+        else:
+            out = orthogonalize_distributed(count, whole, replicated_over=dist.group.WORLD)
+        results[rank] = ([o.clone() for o in out], seen)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(world, layout):
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(world, free_port(), layout, results), nprocs=world)
+    return dict(results)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("layout", ["fsdp", "ddp"])
+def test_each_matrix_is_orthogonalized_once_and_every_rank_gets_the_single_process_result(world, layout):
+    expected = Orthogonalizer(method="newton_schulz", dtype="float64").apply_all(matrices())
+    results = run_ranks(world, layout)
+    owners = assign_owners(SHAPES, world)
+    for rank, (out, seen) in results.items():
+        for o, e in zip(out, expected):
+            assert torch.allclose(o, e, rtol=0, atol=1e-12)
+        # the first call above is the counted one (fsdp calls twice: counted, then for the local-shape check)
+        assert seen[:owners.count(rank)] == [SHAPES[j] for j in range(len(SHAPES)) if owners[j] == rank]
+    assert sum(owners.count(r) for r in range(world)) == len(SHAPES)
+
+
+def test_owners_balance_the_newton_schulz_cost():
+    shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12  # GPT-2 small's 48 hidden matrices
+    for world in (2, 3, 8):
+        owners = assign_owners(shapes, world)
+        loads = [sum(newton_schulz_cost(s) for s, o in zip(shapes, owners) if o == r) for r in range(world)]
+        assert max(loads) - min(loads) <= max(newton_schulz_cost(s) for s in shapes)
+    assert newton_schulz_cost((3072, 768)) == 5 * 768**2 * (2 * 3072 + 768)
+    assert shard_rows(7, 3) == [3, 3, 1] and shard_rows(2, 3) == [1, 1, 0]
