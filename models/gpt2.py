@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.attention import causal_attention
+from models.blocks import run_blocks
 from models.rope import apply_rope, rope_tables
 
 
@@ -101,6 +102,7 @@ class GPT2(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.activation_checkpointing = False  # recompute each block's activations in the backward pass
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -126,7 +128,5 @@ class GPT2(nn.Module):
         rope = (self.rope_cos, self.rope_sin) if self.wpe is None else None
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(idx.shape[1], device=idx.device))
-        x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, rope)
+        x = run_blocks(self.blocks, self.drop(x), rope, checkpointed=self.activation_checkpointing and self.training)
         return self.lm_head(self.ln_f(x))

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.attention import causal_attention
+from models.blocks import run_blocks
 from models.rope import apply_rope, rope_tables
 
 
@@ -92,6 +93,7 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.activation_checkpointing = False  # recompute each block's activations in the backward pass
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -107,7 +109,6 @@ class Llama(nn.Module):
                 module.reset_parameters()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(idx)
-        for block in self.blocks:
-            x = block(x, self.rope_cos, self.rope_sin)
+        x = run_blocks(self.blocks, self.embed_tokens(idx), self.rope_cos, self.rope_sin,
+                       checkpointed=self.activation_checkpointing and self.training)
         return self.lm_head(self.norm(x))

@@ -120,3 +120,23 @@ def test_batch_counters_follow_the_micro_batches_per_step_of_the_resuming_run():
     progress["current"] = dict(progress["total"])
     align_batch_counters(progress, step=7, batches_per_step=2)  # one device: 2 micro-batches per step
     assert progress["total"] == progress["current"] == {"ready": 14, "started": 14, "processed": 14, "completed": 13}
+
+
+@pytest.mark.parametrize("mixed_precision,param_dtype", [(False, None), (True, torch.bfloat16)])
+def test_fsdp_mixed_precision_policy_follows_the_trainer_precision(mixed_precision, param_dtype, tmp_path):
+    """bf16-mixed under FSDP2: bf16 gathered weights, fp32 gradient reduction, fp32 sharded master weights."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from models import build_model
+    from trainer.parallel import shard_model
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = build_model(OmegaConf.to_container(compose(["model=gpt2_tiny"]).model))
+        shard_model(model, init_device_mesh("cpu", (1,)), mixed_precision=mixed_precision)
+        policy = model.blocks[0]._get_fsdp_state()._mp_policy
+        assert (policy.param_dtype, policy.reduce_dtype) == (param_dtype, torch.float32 if mixed_precision else None)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    finally:
+        dist.destroy_process_group()

@@ -6,6 +6,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from trainer.checkpoint import last_checkpoint_path, read_checkpoint_meta
 from conftest import ROOT
@@ -210,3 +211,38 @@ def test_compile_flag_compiles_the_model(make_cfg):
     assert module.model._compiled_call_impl is None
     module.configure_model()
     assert module.model._compiled_call_impl is not None
+
+
+def test_mfu_and_peak_memory_are_logged_per_step(make_cfg, tmp_path):
+    """mfu = 6 N tokens/s / peak with N = hidden matrices + head (trainer/throughput.py): gpt2_tiny has
+    98,304 hidden-matrix and 50,257 x 64 head parameters."""
+    run(make_cfg("trainer.peak_flops=1e12"))
+    table = rows(tmp_path / "run")
+    for row in table:
+        assert row["mfu"] == pytest.approx(6 * (98_304 + 50_257 * 64) * row["tokens_per_s"] / 1e12, rel=1e-9)
+    memory = [row["peak_memory_gb"] for row in table]
+    assert memory == sorted(memory) and 0.05 < memory[0] < 24  # a peak never falls; a Python process with torch
+
+
+def test_activation_checkpointing_changes_memory_not_the_run(make_cfg, tmp_path):
+    plain = run(make_cfg(run_dir=tmp_path / "plain"))
+    checkpointed = run(make_cfg("activation_checkpointing=true", run_dir=tmp_path / "checkpointed"))
+    a, b = rows(tmp_path / "plain"), rows(tmp_path / "checkpointed")
+    assert max(abs(x["train_loss"] - y["train_loss"]) for x, y in zip(a, b)) <= 1e-6
+    assert abs(plain.val_loss - checkpointed.val_loss) <= 1e-6
+
+
+def test_activation_checkpointing_recomputes_each_block_in_the_backward(make_cfg):
+    from models import build_model
+
+    model = build_model(OmegaConf.to_container(make_cfg().model))
+    calls = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda *_: calls.append(1))
+    idx = torch.randint(0, 50257, (2, 8))
+    model(idx).sum().backward()
+    assert len(calls) == 2  # two blocks, one forward each
+    model.activation_checkpointing = True
+    calls.clear()
+    model(idx).sum().backward()
+    assert len(calls) == 4  # and again in the backward

@@ -1,8 +1,9 @@
 """metrics.csv: one row per optimizer step, the source of truth for every analysis script.
 
 Columns: tokens, step, train_loss, val_loss (on evaluation steps; empty otherwise), lr_<group> for
-every optimizer group, grad_norm (before clipping), tokens_per_s, elapsed_s (training wall time,
-summed over resumed sessions), then any columns callbacks add. A new column rewrites the file with
+every optimizer group, grad_norm (before clipping), grad_evals, tokens_per_s, mfu (model FLOPs
+utilisation, trainer/throughput.py), peak_memory_gb, elapsed_s (training wall time, summed over
+resumed sessions), then any columns callbacks add. A new column rewrites the file with
 the wider header; otherwise rows are appended and flushed. On resume, rows after the checkpoint's
 step are dropped, so an interrupted and resumed run ends with the same rows as an uninterrupted one.
 """

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader
 
 from data import TokenStream, TrainBatches
@@ -32,6 +32,7 @@ from trainer.optimizers import build_optimizer, print_routing
 from trainer.parallel import shard_model
 from trainer.plan import RunPlan
 from trainer.preemption import StopRequest
+from trainer.throughput import flops_per_token, measured_peak_flops, peak_memory_gb
 
 
 class LanguageModel(L.LightningModule):
@@ -41,6 +42,7 @@ class LanguageModel(L.LightningModule):
         self.cfg, self.plan = cfg, plan
         self.automatic_optimization = not plan.two_pass
         self.model = build_model(OmegaConf.to_container(cfg.model, resolve=True))
+        self.model.activation_checkpointing = bool(cfg.activation_checkpointing)
         self.schedule = Schedule(**OmegaConf.to_container(cfg.schedule, resolve=True))
         self.train_tokens, self.val_windows = train_tokens, val_windows
         self.resume_step = resume_step
@@ -67,7 +69,8 @@ class LanguageModel(L.LightningModule):
 
     def configure_model(self) -> None:
         if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
-            shard_model(self.model, self.device_mesh["data_parallel"])
+            shard_model(self.model, self.device_mesh["data_parallel"],
+                        mixed_precision=str(self.cfg.trainer.precision).startswith("bf16"))
         if self.cfg.compile:
             self.model.compile()
 
@@ -83,6 +86,8 @@ class LanguageModel(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.cfg.optim)
+        if isinstance(self.trainer.strategy, DDPStrategy) and self.trainer.world_size > 1:
+            optimizer.split_orthogonalization()  # replicas: each rank orthogonalizes its share of the matrices
         if optimizer.needs_lookahead != self.plan.two_pass:
             raise ConfigError(
                 f"optim={self.cfg.optim.name}: optim.gradient_evals_per_step={self.plan.gradient_evals_per_step} but the "
@@ -157,6 +162,15 @@ class LanguageModel(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.stop_request.install()  # after Lightning's own handlers, which it installs in fit()
+        self._flops_per_token = flops_per_token(self.model) * self.plan.gradient_evals_per_step
+        peak = self.cfg.trainer.peak_flops
+        if peak is None:
+            dtype = torch.bfloat16 if str(self.cfg.trainer.precision).startswith("bf16") else torch.float32
+            peak = measured_peak_flops(self.device, dtype)
+            if self.trainer.is_global_zero:
+                print(f"peak {peak / 1e12:.3g} TFLOP/s per device, measured ({str(dtype).removeprefix('torch.')} matmul; "
+                      f"trainer.peak_flops=<FLOP/s> sets a datasheet's), for metrics.csv's mfu", flush=True)
+        self._peak_flops = float(peak) * self.plan.world_size
         self._clock, self._clock_step = time.perf_counter(), self.trainer.global_step
 
     def on_train_end(self) -> None:
@@ -169,10 +183,11 @@ class LanguageModel(L.LightningModule):
         now = time.perf_counter()
         self.elapsed_s += now - self._clock
         tokens = self.plan.tokens_at(step)
+        tokens_per_s = self.plan.tokens_at(step - self._clock_step) / (now - self._clock)
         row = {"tokens": tokens, "step": step, "train_loss": self._step_loss, **self._step_lrs,
                "grad_norm": self._grad_norm, "grad_evals": step * self.plan.gradient_evals_per_step,
-               "tokens_per_s": self.plan.tokens_at(step - self._clock_step) / (now - self._clock),
-               "elapsed_s": self.elapsed_s}
+               "tokens_per_s": tokens_per_s, "mfu": self._flops_per_token * tokens_per_s / self._peak_flops,
+               "peak_memory_gb": peak_memory_gb(self.device), "elapsed_s": self.elapsed_s}
         row.update(self.pending_metrics)
         self.pending_metrics = {}
         if self.plan.eval_due(step):

@@ -78,11 +78,14 @@ def cluster_plugins() -> list:
     return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 
-def shard_model(model: torch.nn.Module, mesh) -> None:
+def shard_model(model: torch.nn.Module, mesh, mixed_precision: bool = False) -> None:
     """FSDP2: each transformer block is one unit (gathered for its forward and backward), the
-    embeddings, final norm and head the root's."""
-    from torch.distributed.fsdp import fully_shard
+    embeddings, final norm and head the root's. With mixed_precision (trainer.precision=bf16-mixed)
+    the gathered weights are bf16 and gradients are reduced in fp32, while the sharded master weights
+    and the optimizer state stay fp32 (torchtitan's MixedPrecisionPolicy)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
     for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
