@@ -1,0 +1,181 @@
+"""The matrix-optimizer step on GPT-2 small's 48 hidden matrices (12 x qkv 2304x768, proj 768x768,
+fc 3072x768, proj 768x3072), as ratios measured side by side in one run:
+
+  1. one process: our Muon vs torch.optim.Muon with the same fp32 Newton–Schulz (torch's bf16 cast
+     made a copy, as tests/test_muon.py does), and both in bf16; Muon² (3 steps), Muon-NSR and
+     Muon-VS vs our Muon;
+  2. two processes (gloo, one thread each) vs one: each rank orthogonalizing every matrix (replicated,
+     what DDP did before), each orthogonalizing its share (``split_orthogonalization()``, DDP), and
+     FSDP2-style row shards (DTensors, all-to-all to the owners).
+
+Gradients are fixed random matrices; each setup takes one warm-up step, then the median of
+`--repeats` timed steps: in one process the setups alternate step by step; across processes, the
+slowest rank's time with a barrier around each step.
+
+    python benchmarks/matrix_step.py [--repeats 3]        # writes benchmarks/matrix_step.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from optim import Muon, Muon2, MuonNSR, MuonVS
+
+HERE = Path(__file__).resolve().parent
+LAYER_SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)]
+SHAPES = LAYER_SHAPES * 12
+
+
+def matrices(seed: int = 0) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(*s, generator=g) * 0.02) for s in SHAPES]
+    grads = [torch.randn(*s, generator=g) * 1e-3 for s in SHAPES]
+    return params, grads
+
+
+def median_step(optimizer, params, grads, repeats: int, barrier=lambda: None) -> float:
+    for p, grad in zip(params, grads):
+        p.grad = grad
+    optimizer.step()  # warm-up (and state allocation)
+    times = []
+    for _ in range(repeats):
+        barrier()
+        start = time.perf_counter()
+        optimizer.step()
+        barrier()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def one_process(repeats: int) -> dict[str, float]:
+    from torch.optim import Muon as TorchMuon
+
+    common = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    setups = {
+        "ours fp32": lambda ps: Muon(ps, ns_dtype="float32", **common),
+        "torch fp32": lambda ps: TorchMuon(ps, **common),
+        "ours bf16": lambda ps: Muon(ps, ns_dtype="bfloat16", **common),
+        "torch bf16": lambda ps: TorchMuon(ps, **common),
+        "muon2 fp32 (3 steps)": lambda ps: Muon2(ps, ns_dtype="float32"),
+        "muon_nsr fp32": lambda ps: MuonNSR(ps, ns_dtype="float32"),
+        "muon_vs fp32": lambda ps: MuonVS(ps, ns_dtype="float32"),
+    }
+    real_cast = torch.Tensor.bfloat16
+    runs = {}
+    for name, make in setups.items():
+        params, grads = matrices()
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        runs[name] = make(params)
+    times = {name: [] for name in setups}
+    for round_ in range(repeats + 1):  # alternating, so that drifts of the machine hit every setup alike
+        for name, optimizer in runs.items():
+            if name == "torch fp32":  # torch.optim.Muon's Newton–Schulz in fp32: its bf16 cast made a copy
+                torch.Tensor.bfloat16 = lambda self: self.clone()
+            try:
+                start = time.perf_counter()
+                optimizer.step()
+                if round_:  # the first round warms up (and allocates the state)
+                    times[name].append(time.perf_counter() - start)
+            finally:
+                torch.Tensor.bfloat16 = real_cast
+    results = {name: statistics.median(ts) for name, ts in times.items()}
+    for name, seconds in results.items():
+        print(f"{name}: {seconds:.2f} s", flush=True)
+    return results
+
+
+def _rank(rank: int, world: int, port: int, repeats: int, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        def slowest(seconds: float) -> float:
+            t = torch.tensor(seconds)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return t.item()
+
+        results = {}
+        params, grads = matrices()
+        results["replicated"] = slowest(median_step(Muon(params, ns_dtype="float32"), params, grads, repeats, dist.barrier))
+        params, grads = matrices()
+        split = Muon(params, ns_dtype="float32")
+        split.split_orthogonalization()
+        results["split (DDP)"] = slowest(median_step(split, params, grads, repeats, dist.barrier))
+        mesh = init_device_mesh("cpu", (world,))
+        params, grads = matrices()
+        sharded = [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in params]
+        grads = [distribute_tensor(g, mesh, [Shard(0)]) for g in grads]
+        results["sharded (FSDP2)"] = slowest(median_step(Muon(sharded, ns_dtype="float32"), sharded, grads, repeats, dist.barrier))
+        if rank == 0:
+            out.update(results)
+    finally:
+        dist.destroy_process_group()
+
+
+def processes(world: int, repeats: int) -> dict[str, float]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_rank, args=(world, port, repeats, out), nprocs=world)
+    print(f"world size {world}: {dict(out)}", flush=True)
+    return dict(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    single = one_process(args.repeats)
+    ws1, ws2 = processes(1, args.repeats), processes(2, args.repeats)
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+    lines = [
+        "# The matrix-optimizer step on GPT-2 small's hidden matrices",
+        "",
+        f"48 matrices (12 x 2304x768, 768x768, 3072x768, 768x3072), fp32 parameters; {cpu} "
+        f"({'with' if bf16 else 'without'} AVX-512 BF16), torch {torch.__version__}. Median of {args.repeats} steps after "
+        f"one warm-up step. Command: `python benchmarks/matrix_step.py --repeats {args.repeats}`.",
+        "",
+        f"## One process ({torch.get_num_threads()} threads)",
+        "",
+        "| optimizer | step (s) | ratio | |",
+        "|---|---|---|---|",
+        f"| ours, Muon fp32 NS | {single['ours fp32']:.2f} | {single['ours fp32'] / single['torch fp32']:.2f}x torch fp32 | target ≤ 0.9x |",
+        f"| torch.optim.Muon, fp32 NS | {single['torch fp32']:.2f} | 1.00x | |",
+        f"| ours, Muon bf16 NS | {single['ours bf16']:.2f} | {single['ours bf16'] / single['torch bf16']:.2f}x torch bf16 | |",
+        f"| torch.optim.Muon (its bf16 NS) | {single['torch bf16']:.2f} | 1.00x | |",
+        f"| Muon² (3 NS steps) | {single['muon2 fp32 (3 steps)']:.2f} | {single['muon2 fp32 (3 steps)'] / single['ours fp32']:.2f}x our Muon | target ≤ 0.65x |",
+        f"| Muon-NSR | {single['muon_nsr fp32']:.2f} | {single['muon_nsr fp32'] / single['ours fp32']:.2f}x our Muon | target ≤ 1.1x |",
+        f"| Muon-VS | {single['muon_vs fp32']:.2f} | {single['muon_vs fp32'] / single['ours fp32']:.2f}x our Muon | target ≤ 1.1x |",
+        "",
+        "## Two processes vs one (gloo, one thread per process, Muon fp32)",
+        "",
+        "| layout | world size 1 (s) | world size 2 (s) | vs replicated at world size 2 |",
+        "|---|---|---|---|",
+    ]
+    for name in ("replicated", "split (DDP)", "sharded (FSDP2)"):
+        lines.append(f"| {name} | {ws1[name]:.2f} | {ws2[name]:.2f} | {ws2[name] / ws2['replicated']:.2f}x |")
+    lines += ["", "Target for the divided layouts at world size 2: ≤ 0.6x the replicated step.", ""]
+    text = "\n".join(lines)
+    (HERE / "matrix_step.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
