@@ -87,8 +87,8 @@ def test_gram_form_has_the_iterates_last_value(shape, coefficients):
     X = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     *_, last = newton_schulz_iterates(X, 5, coefficients, torch.float64)
     assert torch.allclose(newton_schulz(X, 5, coefficients, torch.float64), last, rtol=0, atol=1e-12)
-    # float32: the error bound of the Gram form (‖Q‖ <= prod a_k) is ~1e-4, the iterates' ~1e-6
-    assert (newton_schulz(X.float(), 5, coefficients, torch.float32).double() - last).abs().max() < 1e-4
+    # float32: the Gram form restarts before ‖Q‖ <= prod a_k passes 50, so it stays near the iterates' ~1e-6
+    assert (newton_schulz(X.float(), 5, coefficients, torch.float32).double() - last).abs().max() < 1e-5
 
 
 def test_norm_conventions_differ_only_by_eps():
