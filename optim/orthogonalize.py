@@ -23,6 +23,7 @@ Newton–Schulz variant and every optimizer is checked against.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ COEFFICIENTS: dict[str, tuple[tuple[float, float, float], ...]] = {
         (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
     ),
 }
+CPU_STACK_ELEMENTS = 2**21  # 8 MB of fp32 per stacked Newton–Schulz call on a CPU (see Orthogonalizer.apply_all)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64, "float16": torch.float16}
 METHODS = ("newton_schulz", "svd")
 
@@ -250,15 +252,21 @@ class Orthogonalizer:
         return newton_schulz(X, self.steps, self.coefficients, self.dtype, self.eps, self.norm)
 
     def apply_all(self, matrices: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Orthogonalize each matrix; same-shaped ones go through as one stacked batch."""
+        """Orthogonalize each matrix; same-shaped ones go through as stacked batches. On a CPU a stack
+        holds at most CPU_STACK_ELEMENTS numbers: a batched matmul is no faster there than a loop, and
+        larger temporaries leave the allocator's heap for fresh pages on every call (measured: 10-25 %
+        of a GPT-2 small Muon step)."""
         out: list[torch.Tensor | None] = [None] * len(matrices)
         by_shape: dict[tuple, list[int]] = {}
         for i, M in enumerate(matrices):
             by_shape.setdefault((tuple(M.shape), M.device, M.dtype), []).append(i)
-        for indices in by_shape.values():
-            if len(indices) == 1:
-                out[indices[0]] = self(matrices[indices[0]])
-                continue
-            for i, O in zip(indices, self(torch.stack([matrices[i] for i in indices])).unbind(0)):
-                out[i] = O
+        for (shape, device, _), indices in by_shape.items():
+            per_stack = max(1, CPU_STACK_ELEMENTS // math.prod(shape)) if device.type == "cpu" else len(indices)
+            for start in range(0, len(indices), per_stack):
+                chunk = indices[start:start + per_stack]
+                if len(chunk) == 1:
+                    out[chunk[0]] = self(matrices[chunk[0]])
+                    continue
+                for i, O in zip(chunk, self(torch.stack([matrices[i] for i in chunk])).unbind(0)):
+                    out[i] = O
         return out
