@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from data import TrainBatches, open_dataset
 from models import build_model
 from trainer.config import compose
+from trainer.host_memory import keep_freed_memory
 from trainer.metrics import read_metrics
 from trainer.optimizers import build_optimizer
 from trainer.plan import make_plan
@@ -35,6 +36,7 @@ ROOT = HERE.parent
 
 
 def bare_loop(cfg, steps: int) -> list[float]:
+    keep_freed_memory()  # as train.py
     plan = make_plan(cfg, 1)
     torch.manual_seed(int(cfg.seed))
     model = build_model(OmegaConf.to_container(cfg.model, resolve=True))

@@ -10,7 +10,8 @@ fc 3072x768, proj 768x3072), as ratios measured side by side in one run:
 
 Gradients are fixed random matrices; each setup takes one warm-up step, then the median of
 `--repeats` timed steps: in one process the setups alternate step by step; across processes, the
-slowest rank's time with a barrier around each step.
+slowest rank's time with a barrier around each step. Every process keeps freed host memory for
+reuse, as `train.py` does (trainer/host_memory.py).
 
     python benchmarks/matrix_step.py [--repeats 3]        # writes benchmarks/matrix_step.md
 """
@@ -29,6 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from optim import Muon, Muon2, MuonNSR, MuonVS
+from trainer.host_memory import keep_freed_memory
 
 HERE = Path(__file__).resolve().parent
 LAYER_SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)]
@@ -97,6 +99,7 @@ def one_process(repeats: int) -> dict[str, float]:
 def _rank(rank: int, world: int, port: int, repeats: int, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    keep_freed_memory()
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from torch.distributed.device_mesh import init_device_mesh
@@ -139,6 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    keep_freed_memory()
     single = one_process(args.repeats)
     ws1, ws2 = processes(1, args.repeats), processes(2, args.repeats)
 

@@ -91,7 +91,7 @@ class MatrixOptimizer(Optimizer):
 
     def split_orthogonalization(self, process_group=None) -> None:
         """Declare the parameters identical replicas over `process_group` (default: the world), as under
-        DDP: each rank then orthogonalizes its share of the matrices and all-gathers the rest
+        DDP: each rank then orthogonalizes its share of the matrices and broadcasts the results
         (optim/distributed.py). FSDP2's sharded parameters are divided among ranks without this."""
         import torch.distributed as dist
 

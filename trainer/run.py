@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data import open_dataset, validation_windows
 from trainer.checkpoint import last_checkpoint_path, verify_checkpoint
+from trainer.host_memory import keep_freed_memory
 from trainer.loggers import build_loggers
 from trainer.metrics import read_metrics
 from trainer.module import LanguageModel
@@ -55,6 +56,7 @@ say = rank_zero_only(functools.partial(print, flush=True))  # once per run, not 
 
 def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
     started = time.perf_counter()
+    keep_freed_memory()
     check_layout(cfg.trainer)
     for warning in setting_warnings(cfg):
         say(f"warning: {warning}")
