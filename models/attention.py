@@ -1,7 +1,10 @@
 """Causal multi-head attention through PyTorch's scaled_dot_product_attention (flash / memory-
-efficient kernels on GPU, a fused CPU kernel otherwise)."""
+efficient kernels on GPU, a fused CPU kernel otherwise), and what the attention modules expose to the
+optimizers: their heads' rows and columns (per-head orthogonalization) and the largest pre-softmax
+logit of each head (MuonClip's QK-clip, optim/qk_clip.py)."""
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -10,3 +13,46 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout:
     """q, k, v: (batch, heads, seq, head_dim) -> (batch, heads, seq, head_dim); scores q·kᵀ · scale
     (default 1/sqrt(head_dim))."""
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale)
+
+
+@torch.no_grad()
+def max_causal_logits(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """(heads,) the largest score q_i·k_j · scale over the batch and all j ≤ i, one sequence at a time
+    (an explicit (heads, seq, seq) score matrix: only runs that clip pay for it)."""
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    T = q.shape[-2]
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    per_sequence = [(qb.float() @ kb.float().transpose(-2, -1) * scale).masked_fill(future, float("-inf")).amax(dim=(-2, -1))
+                    for qb, kb in zip(q, k)]
+    return torch.stack(per_sequence).amax(dim=0)
+
+
+class QKLogitTracking(nn.Module):
+    """An attention module that, when ``track_max_logits`` is on, keeps the largest logit of each head
+    seen in training forwards since the last ``pop_max_logits()``. Subclasses name their query and
+    key rows per head in ``qk_row_heads()``."""
+
+    n_head: int
+    track_max_logits: bool = False
+    _max_logits: torch.Tensor | None = None
+
+    def record_max_logits(self, q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> None:
+        if self.track_max_logits and self.training:
+            seen = max_causal_logits(q, k, scale)
+            self._max_logits = seen if self._max_logits is None else torch.maximum(self._max_logits, seen)
+
+    def pop_max_logits(self) -> torch.Tensor | None:
+        logits, self._max_logits = self._max_logits, None
+        return logits
+
+    def qk_row_heads(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(parameter, head of each of its rows: (rows,) long, −1 for rows outside q and k)]."""
+        raise NotImplementedError
+
+
+def row_heads(rows: int, head_dim: int, first: int = 0, count: int | None = None) -> torch.Tensor:
+    """Head index of each row for `count` rows of heads starting at row `first`; −1 elsewhere."""
+    heads = torch.full((rows,), -1, dtype=torch.long)
+    count = rows - first if count is None else count
+    heads[first:first + count] = torch.arange(count) // head_dim
+    return heads

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.attention import causal_attention
+from models.attention import QKLogitTracking, causal_attention, row_heads
 from models.blocks import run_blocks
 from models.rope import apply_rope, rope_tables
 
@@ -45,7 +45,7 @@ class GPT2Config:
         return self.block_size
 
 
-class CausalSelfAttention(nn.Module):
+class CausalSelfAttention(QKLogitTracking):
     def __init__(self, cfg: GPT2Config, layer: int):
         super().__init__()
         self.n_head = cfg.n_head
@@ -61,8 +61,15 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if rope is not None:
             q, k = (apply_rope(t, *rope, layout="interleaved") for t in (q, k))
+        self.record_max_logits(q, k, self.scale)
         y = causal_attention(q, k, v, dropout=self.dropout if self.training else 0.0, scale=self.scale)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def qk_row_heads(self):
+        C = self.proj.weight.shape[0]
+        d = C // self.n_head
+        heads = torch.cat([row_heads(C, d), row_heads(C, d), torch.full((C,), -1, dtype=torch.long)])
+        return [(self.qkv.weight, heads)] + ([(self.qkv.bias, heads)] if self.qkv.bias is not None else [])
 
 
 class MLP(nn.Module):
@@ -122,6 +129,12 @@ class GPT2(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
+
+    def head_splits(self) -> dict[nn.Parameter, tuple[int, int]]:
+        """(blocks, dim) of the attention matrices: the fused qkv has 3·n_head row blocks (q, k and v of
+        each head), the output projection n_head column blocks."""
+        H = self.config.n_head
+        return {p: split for block in self.blocks for p, split in ((block.attn.qkv.weight, (3 * H, 0)), (block.attn.proj.weight, (H, 1)))}
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.wte(idx)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.attention import causal_attention
+from models.attention import QKLogitTracking, causal_attention, row_heads
 from models.blocks import run_blocks
 from models.rope import apply_rope, rope_tables
 
@@ -37,7 +37,7 @@ class LlamaConfig:
         return self.max_seq_len
 
 
-class Attention(nn.Module):
+class Attention(QKLogitTracking):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_head = cfg.n_head
@@ -53,8 +53,14 @@ class Attention(nn.Module):
         heads = lambda t: t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # noqa: E731
         q = apply_rope(heads(self.q_proj(x)), cos, sin, self.rope_layout)
         k = apply_rope(heads(self.k_proj(x)), cos, sin, self.rope_layout)
+        self.record_max_logits(q, k)
         y = causal_attention(q, k, heads(self.v_proj(x)), dropout=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def qk_row_heads(self):
+        C = self.q_proj.weight.shape[0]
+        heads = row_heads(C, C // self.n_head)
+        return [(self.q_proj.weight, heads), (self.k_proj.weight, heads)]
 
 
 class SwiGLU(nn.Module):
@@ -107,6 +113,13 @@ class Llama(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
             elif isinstance(module, nn.RMSNorm):
                 module.reset_parameters()
+
+    def head_splits(self) -> dict[nn.Parameter, tuple[int, int]]:
+        """(blocks, dim) of the attention matrices: n_head row blocks of q, k and v, n_head column
+        blocks of the output projection."""
+        H = self.config.n_head
+        return {p: (H, 1 if p is block.attn.o_proj.weight else 0) for block in self.blocks
+                for p in (block.attn.q_proj.weight, block.attn.k_proj.weight, block.attn.v_proj.weight, block.attn.o_proj.weight)}
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = run_blocks(self.blocks, self.embed_tokens(idx), self.rope_cos, self.rope_sin,

@@ -19,11 +19,11 @@ class PrePolar(MatrixOptimizer):
     off as in the theory; ``nesterov=True`` is the extension (then it is Muon).
     """
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False, momentum: float = 0.95,
                  nesterov: bool = False, momentum_form: str = "ema", ns_steps: int = 5, ns_coefficients="kj",
                  ns_dtype="auto", ns_eps: float = 1e-7, ns_norm: str = "clamp", orthogonalizer: str = "newton_schulz",
                  adjust_lr_fn: str = "match_rms_adamw"):
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn=adjust_lr_fn,
+        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay, momentum=momentum, adjust_lr_fn=adjust_lr_fn,
                         **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
         super().__init__(params, defaults, (Momentum(nesterov=nesterov, sum_scale=is_sum_form(momentum_form)), Orthogonalize()))
 
@@ -37,10 +37,10 @@ class PostPolar(MatrixOptimizer):
     polar factors shrinks it where they disagree, which is the paper's point.
     """
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False, momentum: float = 0.95,
                  ns_steps: int = 5, ns_coefficients="kj", ns_dtype="auto", ns_eps: float = 1e-7, ns_norm: str = "clamp",
                  orthogonalizer: str = "newton_schulz", adjust_lr_fn: str = "match_rms_adamw"):
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn=adjust_lr_fn,
+        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay, momentum=momentum, adjust_lr_fn=adjust_lr_fn,
                         **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
         super().__init__(params, defaults, (Orthogonalize(), Momentum(nesterov=False)))
 
@@ -53,9 +53,9 @@ class PolarOnly(MatrixOptimizer):
     Stages: Orthogonalize. No state.
     """
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, ns_steps: int = 5, ns_coefficients="kj",
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False, ns_steps: int = 5, ns_coefficients="kj",
                  ns_dtype="auto", ns_eps: float = 1e-7, ns_norm: str = "clamp", orthogonalizer: str = "newton_schulz",
                  adjust_lr_fn: str = "match_rms_adamw"):
-        defaults = dict(lr=lr, weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn,
+        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay, adjust_lr_fn=adjust_lr_fn,
                         **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
         super().__init__(params, defaults, (Orthogonalize(),))

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 from torch.optim import Optimizer
 
+from optim.stages import Orthogonalize
+
 ROLES = ("matrix", "embedding", "vector")
 NO_WEIGHT_DECAY_ROLES = ("vector",)
 
@@ -174,17 +176,44 @@ class HybridOptimizer(Optimizer):
         return "HybridOptimizer(" + ", ".join(f"{k}={type(v).__name__}" for k, v in self.parts.items()) + ")"
 
 
+def split_by_heads(group: dict, head_splits: dict) -> list[dict]:
+    """The matrix group divided into the matrices orthogonalized whole ("matrix") and, per attention
+    layout, those orthogonalized per head: "matrix_head_rows" (q, k, v, fused qkv: `head_split`
+    (blocks, 0)) and "matrix_head_cols" (output projections: (heads, 1))."""
+    by_split: dict = {}
+    for p in group["params"]:
+        by_split.setdefault(head_splits.get(p), []).append(p)
+    groups = []
+    for split, params in by_split.items():
+        if split is None:
+            groups.append({**group, "params": params})
+        else:
+            groups.append({**group, "params": params, "head_split": tuple(split),
+                           "name": f"{group['name']}_head_{'rows' if split[1] == 0 else 'cols'}"})
+    return groups
+
+
 def hybrid_optimizer(
     model: nn.Module,
     matrix: Callable[[list[dict]], Optimizer],
     aux: Callable[[list[dict]], Optimizer],
     rules: Sequence[Rule] = DEFAULT_RULES,
+    split_heads: bool = False,
 ) -> HybridOptimizer:
-    """matrix(groups) for the hidden matrices, aux(groups) for embeddings, head, norms and biases."""
+    """matrix(groups) for the hidden matrices, aux(groups) for embeddings, head, norms and biases.
+    split_heads: the attention matrices the model lists in ``head_splits()`` are orthogonalized per head."""
     groups = param_groups(route_parameters(model, rules))
     parts = {}
     if "matrix" in groups:
-        parts["matrix"] = matrix([groups.pop("matrix")])
+        matrix_groups = [groups.pop("matrix")]
+        if split_heads:
+            if not hasattr(model, "head_splits"):
+                raise RoutingError(f"split_heads: {type(model).__name__} has no head_splits() naming its attention heads")
+            matrix_groups = split_by_heads(matrix_groups[0], model.head_splits())
+        parts["matrix"] = matrix(matrix_groups)
+        if split_heads and not any(isinstance(st, Orthogonalize) for st in getattr(parts["matrix"], "stages", ())):
+            raise RoutingError(f"split_heads: {type(parts['matrix']).__name__} does not orthogonalize; "
+                               "per-head blocks apply to the matrix optimizers of optim/")
     if groups:
         parts["aux"] = aux(list(groups.values()))
     return HybridOptimizer(parts)

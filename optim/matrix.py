@@ -1,11 +1,12 @@
 """What every matrix optimizer shares: 2-D parameters, a pipeline of stages (optim/stages.py) that
-turns the gradient into a direction D, an update-scale rule and decoupled weight decay.
+turns the gradient into a direction D, then the update tail (an update-scale rule, decoupled weight
+decay and the lr, stages too).
 
 For each matrix W of shape (m, n) in PyTorch layout (m = fan_out, n = fan_in):
 
     D = stage_k( ... stage_1(G) )
-    W ← W · (1 − η λ)              decoupled weight decay with the *unscaled* lr η
-    W ← W − η · s(m, n) · D
+    W ← W − η (s(m, n) D + λ W)    = W (1 − η λ) − η s(m, n) D: decoupled decay with the *unscaled* η
+                                   (cautious_weight_decay: λ W only where D ⊙ W > 0)
 
 with the scale rule s(m, n) (`adjust_lr_fn`, torch.optim.Muon's name for it):
     "original"          sqrt(max(1, m/n))       Keller Jordan; RMS of s·polar = 1/sqrt(n)
@@ -22,13 +23,7 @@ import torch
 from torch.optim import Optimizer
 
 from optim.orthogonalize import Orthogonalizer
-from optim.stages import Stage, Step
-
-SCALE_RULES = {
-    "original": lambda m, n: math.sqrt(max(1.0, m / n)),
-    "match_rms_adamw": lambda m, n: 0.2 * math.sqrt(max(m, n)),
-    "spectral": lambda m, n: math.sqrt(m / n),
-}
+from optim.stages import UPDATE_TAIL, Stage, Step, update_scale
 
 # hyperparameter -> (lowest, highest, highest included?)
 RANGES = {
@@ -40,14 +35,6 @@ RANGES = {
     "eps": (0.0, math.inf, False),
     "ns_eps": (0.0, math.inf, False),
 }
-
-
-def update_scale(shape: torch.Size | tuple, rule: str | None) -> float:
-    rule = rule or "original"
-    if rule not in SCALE_RULES:
-        raise ValueError(f"unknown adjust_lr_fn {rule!r}; valid: {sorted(SCALE_RULES)}")
-    m, n = shape[-2], shape[-1]
-    return SCALE_RULES[rule](m, n)
 
 
 def orthogonalizer_settings(orthogonalizer: str, ns_steps: int, ns_coefficients, ns_dtype, ns_eps: float,
@@ -74,11 +61,12 @@ def check_hyperparameters(name: str, settings: dict) -> None:
 
 
 class MatrixOptimizer(Optimizer):
-    """A torch.optim.Optimizer over 2-D matrices that runs `stages` on each group's gradients."""
+    """A torch.optim.Optimizer over 2-D matrices that runs `stages`, then `tail` (the scale rule, the
+    weight decay and the lr: UPDATE_TAIL), on each group's gradients and adds the result to W."""
 
-    def __init__(self, params, defaults: dict, stages: Sequence[Stage]):
+    def __init__(self, params, defaults: dict, stages: Sequence[Stage], tail: Sequence[Stage] = UPDATE_TAIL):
         super().__init__(params, defaults)
-        self.stages = tuple(stages)
+        self.stages = tuple(stages) + tuple(tail)
         self.replicated_over = None
         for group in self.param_groups:
             check_hyperparameters(type(self).__name__, group)
@@ -98,7 +86,8 @@ class MatrixOptimizer(Optimizer):
         self.replicated_over = process_group if process_group is not None else dist.group.WORLD
 
     def directions(self, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Run the stages on the group's gradients; advances each matrix's step count."""
+        """Run the stages on the group's gradients (the result is W's increment); advances each
+        matrix's step count."""
         states = [self.state[p] for p in params]
         for state in states:
             state["step"] = state.get("step", torch.tensor(0.0)) + 1
@@ -120,10 +109,6 @@ class MatrixOptimizer(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            updates = self.directions(group, params)
-            lr, wd = group["lr"], group["weight_decay"]
-            if wd:
-                torch._foreach_mul_(params, 1.0 - lr * wd)
-            for p, update in zip(params, updates):
-                p.add_(update.to(p.dtype), alpha=-lr * update_scale(p.shape, group["adjust_lr_fn"]))
+            for p, update in zip(params, self.directions(group, params)):
+                p.add_(update.to(p.dtype))
         return loss

@@ -37,11 +37,11 @@ class Muon(MatrixOptimizer):
     ``ns_coefficients`` may name a set ("kj", "convergent", "polar_express") or list triples.
     """
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False, momentum: float = 0.95,
                  nesterov: bool = True, momentum_form: str = "ema", ns_coefficients="kj", ns_eps: float = 1e-7,
                  ns_steps: int = 5, adjust_lr_fn: str = "match_rms_adamw", ns_dtype="auto",
                  orthogonalizer: str = "newton_schulz", ns_norm: str = "clamp"):
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn=adjust_lr_fn,
+        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay, momentum=momentum, adjust_lr_fn=adjust_lr_fn,
                         **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
         stages = (Momentum(nesterov=nesterov, sum_scale=is_sum_form(momentum_form)), Orthogonalize())
         super().__init__(params, defaults, stages)

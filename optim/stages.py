@@ -1,11 +1,12 @@
 """The stages a matrix optimizer is composed of (optax-style transforms over a group's matrices).
 
 A stage maps the list of update tensors of one param group (one per matrix, initially the
-gradients G_t) to a new list, keeping per-matrix state under its own keys. Stages never modify
-their input in place, and they work on whole lists (foreach ops; one stacked Newton–Schulz call
-per shape), so same-shaped matrices are updated as one batch. Numeric hyperparameters are read
-from the param group at every step (so schedules and per-group overrides apply); structural
-choices (Nesterov on/off, exact or approximate, ...) are the stage's fields.
+gradients G_t) to a new list, keeping per-matrix state under its own namespace ("momentum/buffer",
+"second_moment/v", ...). Stages never modify their input in place, and they work on whole lists
+(foreach ops; one stacked Newton–Schulz call per shape), so same-shaped matrices are updated as one
+batch. Numeric hyperparameters are read from the param group at every step (so schedules and
+per-group overrides apply); structural choices (Nesterov on/off, exact or approximate, ...) are the
+stage's fields.
 
     stage                  equation (per matrix; β = group["momentum"], t = the matrix's step count)
     MarsCorrection         C = G + γ β/(1−β) (G − G_prev), then C / max(1, ‖C‖_F)           MARS-M
@@ -14,23 +15,37 @@ choices (Nesterov on/off, exact or approximate, ...) are the stage's fields.
                            N = (1−β) X + β M̂ (nesterov) or M̂;  N/(1−β) with sum_scale (B = M/(1−β))
     NoiseToSignal          nsr: X / (sqrt(X² + γ Γ̂) + ε)    vs: X / (sqrt(Γ̂) + ε),  Γ̂ = Γ/(1−β^t)
                            (preserve_norm: rescaled to ‖X‖_F)
-    SecondMoment           V ← β₂ V + (1−β₂) G²;  X / (sqrt(V) + ε)                         Muon²
+    SecondMoment           V ← β₂ V + (1−β₂) Y²;  X / (sqrt(V) + ε),  Y = G (Muon²) or X (AdaMuon)
                            factored: r ← β₂ r + (1−β₂) mean_j(G² + ε₁), c likewise over i,
                            V̂ = r cᵀ / mean(r)                                              Muon²-F
-    Orthogonalize          X → NS_K(X) or the exact polar factor (optim/orthogonalize.py)
+    Sign                   sign(X)                                                          AdaMuon
+    Orthogonalize          X → NS_K(X) or the exact polar factor (optim/orthogonalize.py), whole or
+                           per attention head (the group's ``head_split``)
+    LowRankOrthogonalize   Dion's rank-r power iteration with error feedback on M ← M + G   Dion
+    NeuronNormalize        v ← β₂ v + (1−β₂) mean_j(X²) ∈ R^m;  X / (sqrt(v) + ε), rescaled
+                           to ‖X‖_F                                                         NorMuon
+    ScaleByShape           s(m, n) X, s = the group's ``adjust_lr_fn`` (optim/matrix.py)
+    ScaleToRms             ρ sqrt(m n) X / (‖X‖_F + ε)   (RMS ρ; instead of ScaleByShape)   AdaMuon
+    AddDecayedWeights      X + λ W, or X + λ W ⊙ 1[X ⊙ W > 0] (cautious_weight_decay)
+    ScaleByLearningRate    −η X                                  (then W ← W + X)
 
 Stage order is the pipeline: [Momentum, Orthogonalize] is pre-polar (Muon), [Orthogonalize,
-Momentum] post-polar, [Orthogonalize] polar-only.
+Momentum] post-polar, [Orthogonalize] polar-only. `MatrixOptimizer` appends the update tail
+`UPDATE_TAIL` = [ScaleByShape, AddDecayedWeights, ScaleByLearningRate] unless a variant brings its
+own scale (AdaMuon: ScaleToRms in place of ScaleByShape):
+
+    W ← W − η (s(m, n) D + λ W)  =  W (1 − η λ) − η s(m, n) D      decoupled decay with the unscaled η
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from optim.distributed import orthogonalize_distributed
+from optim.distributed import gather_whole, orthogonalize_distributed, shard_like
 from optim.orthogonalize import Orthogonalizer
 
 
@@ -47,11 +62,37 @@ class Step:
 
 
 def state_tensors(step: Step, key: str, like: list[Tensor]) -> list[Tensor]:
-    """The state tensors under `key`, created as zeros shaped like `like` on first use."""
+    """The state tensors under `key` ("namespace/name"), created as zeros shaped like `like` on first use."""
     for state, x in zip(step.states, like):
         if key not in state:
             state[key] = torch.zeros_like(x, memory_format=torch.preserve_format)
     return [state[key] for state in step.states]
+
+
+SCALE_RULES = {
+    "original": lambda m, n: math.sqrt(max(1.0, m / n)),
+    "match_rms_adamw": lambda m, n: 0.2 * math.sqrt(max(m, n)),
+    "spectral": lambda m, n: math.sqrt(m / n),
+}
+
+
+def update_scale(shape, rule: str | None) -> float:
+    """s(m, n) of the scale rule `rule` (None: "original") for a matrix or block of this shape."""
+    rule = rule or "original"
+    if rule not in SCALE_RULES:
+        raise ValueError(f"unknown adjust_lr_fn {rule!r}; valid: {sorted(SCALE_RULES)}")
+    m, n = shape[-2], shape[-1]
+    return SCALE_RULES[rule](m, n)
+
+
+def block_shape(shape, head_split) -> tuple[int, int]:
+    """The shape of the blocks a matrix is orthogonalized in: (m, n) whole, or one attention head's
+    rows (head_split = (blocks, 0)) or columns ((blocks, 1))."""
+    m, n = shape[-2], shape[-1]
+    if head_split is None:
+        return m, n
+    blocks, dim = head_split
+    return (m // blocks, n) if dim == 0 else (m, n // blocks)
 
 
 def bias_corrections(beta: float, counts: list[int]) -> list[float]:
@@ -69,8 +110,13 @@ def is_sum_form(momentum_form: str) -> bool:
 
 
 class Stage:
+    namespace: str = ""  # the prefix of this stage's state keys
+
     def __call__(self, updates: list[Tensor], step: Step) -> list[Tensor]:
         raise NotImplementedError
+
+    def state(self, step: Step, name: str, like: list[Tensor]) -> list[Tensor]:
+        return state_tensors(step, f"{self.namespace}/{name}", like)
 
 
 @dataclass(frozen=True)
@@ -83,26 +129,27 @@ class MarsCorrection(Stage):
     exact: G_prev = ∇f(X_{t−1}, ξ_t), the previous weights on the current batch, which the
     optimizer's ``store_lookahead_gradients()`` recorded during the previous step.
     G_prev starts at zero (the released code), so C_1 = (1 + γβ/(1−β)) G_1 before the clip.
-    State: ``last_grad``, a copy, never a reference to ``p.grad`` (exact mode: the stored look-ahead,
-    consumed by the step).
+    State: ``mars/last_grad``, a copy, never a reference to ``p.grad`` (exact mode: the stored
+    look-ahead ``mars/lookahead_grad``, consumed by the step).
     """
 
     exact: bool = False
     clip: bool = True
+    namespace: str = "mars"
 
     def __call__(self, updates, step):
         beta, gamma = step.group["momentum"], step.group["gamma"]
-        last = state_tensors(step, "last_grad", updates)
+        last = self.state(step, "last_grad", updates)
         corrected = torch._foreach_add(updates, torch._foreach_sub(updates, last), alpha=gamma * beta / (1.0 - beta))
         if self.exact:  # the stored look-ahead is consumed: it becomes the next step's G_prev
-            lookahead = [state.pop("lookahead_grad", None) for state in step.states]
+            lookahead = [state.pop(f"{self.namespace}/lookahead_grad", None) for state in step.states]
             if any(g is None for g in lookahead):
                 raise RuntimeError(
                     "MARSM(exact=True) needs store_lookahead_gradients() before every step, with the gradient of "
                     "the current weights on the next batch; `train.py optim=mars_m_exact` does this"
                 )
             for state, g in zip(step.states, lookahead):
-                state["last_grad"] = g
+                state[f"{self.namespace}/last_grad"] = g
         else:
             for previous, g in zip(last, updates):  # (no _foreach_copy_ for FSDP's DTensors)
                 previous.copy_(g)
@@ -116,13 +163,16 @@ class MarsCorrection(Stage):
 class GradientVariance(Stage):
     """Muon-NSR/VS's noise estimate (Li, Fan, Li 2026): Γ_t = β Γ_{t−1} + β(1−β) (M_{t−1} − G_t)².
 
-    It reads the momentum buffer *before* Momentum updates it (the paper's order), so it must come
-    first. Updates pass through unchanged. State: ``variance``."""
+    It reads the momentum buffer (``<momentum>/buffer``) *before* Momentum updates it (the paper's
+    order), so it must come first. Updates pass through unchanged. State: ``variance/gamma``."""
+
+    namespace: str = "variance"
+    momentum: str = "momentum"  # the namespace of the Momentum stage whose buffer is M
 
     def __call__(self, updates, step):
         beta = step.group["momentum"]
-        variance = state_tensors(step, "variance", updates)
-        mean = state_tensors(step, "momentum_buffer", updates)
+        variance = self.state(step, "gamma", updates)
+        mean = state_tensors(step, f"{self.momentum}/buffer", updates)
         deviation = torch._foreach_sub(mean, updates)
         torch._foreach_mul_(variance, beta)
         torch._foreach_addcmul_(variance, deviation, deviation, value=beta * (1.0 - beta))
@@ -139,15 +189,16 @@ class Momentum(Stage):
 
     The sum buffer B = β B + X (Moonlight, Muon²) is exactly M/(1−β), so sum_scale gives the sum
     convention without a second buffer: sum_scale + nesterov is G + β B (Moonlight) and, with bias
-    correction, Muon-NSR's M̃ = G + β/(1−β) M̂. State: ``momentum_buffer`` (the EMA)."""
+    correction, Muon-NSR's M̃ = G + β/(1−β) M̂. State: ``momentum/buffer`` (the EMA)."""
 
     nesterov: bool = True
     sum_scale: bool = False
     bias_correction: bool = False
+    namespace: str = "momentum"
 
     def __call__(self, updates, step):
         beta = step.group["momentum"]
-        buffers = state_tensors(step, "momentum_buffer", updates)
+        buffers = self.state(step, "buffer", updates)
         torch._foreach_lerp_(buffers, updates, 1.0 - beta)
         # N = s ((1 − β) X + β M / c) (nesterov) or s M / c, with c = 1 − β^t (or 1), s = 1/(1 − β) (or 1):
         # one scaled copy of M and one fused add, whatever the options
@@ -168,10 +219,12 @@ class NoiseToSignal(Stage):
 
     ε outside the square root, as in the released code. With ``preserve_norm`` the result is
     rescaled to ‖X‖_F per matrix (for a normaliser placed after Newton–Schulz, whose output has a
-    fixed norm that the element-wise division would otherwise change by orders of magnitude)."""
+    fixed norm that the element-wise division would otherwise change by orders of magnitude).
+    Reads GradientVariance's ``variance/gamma``."""
 
     kind: str = "nsr"
     preserve_norm: bool = False
+    variance: str = "variance"  # the namespace of the GradientVariance stage whose Γ this divides by
 
     def __post_init__(self):
         if self.kind not in ("nsr", "vs"):
@@ -181,7 +234,7 @@ class NoiseToSignal(Stage):
         beta, eps = step.group["momentum"], step.group["eps"]
         gamma = step.group["gamma"] if self.kind == "nsr" else 1.0
         # the denominator is built in one fresh buffer: γ Γ/(1 − β^t) (+ X²), sqrt, + ε; then X / it, in place
-        denominator = torch._foreach_mul(state_tensors(step, "variance", updates),
+        denominator = torch._foreach_mul(state_tensors(step, f"{self.variance}/gamma", updates),
                                          [gamma / c for c in bias_corrections(beta, step.counts)])
         if self.kind == "nsr":
             torch._foreach_addcmul_(denominator, updates, updates)
@@ -191,43 +244,58 @@ class NoiseToSignal(Stage):
         torch._foreach_mul_(denominator, updates)
         normalised = denominator
         if self.preserve_norm:
-            ratios = [a / b.clamp(min=torch.finfo(b.dtype).tiny) for a, b in
-                      zip(torch._foreach_norm(updates), torch._foreach_norm(normalised))]
-            torch._foreach_mul_(normalised, ratios)
+            rescale_to_norm_of_(normalised, updates)
         return normalised
+
+
+def rescale_to_norm_of_(tensors: list[Tensor], reference: list[Tensor]) -> None:
+    """tensors[i] ← tensors[i] · ‖reference[i]‖_F / ‖tensors[i]‖_F, in place."""
+    ratios = [a / b.clamp(min=torch.finfo(b.dtype).tiny) for a, b in
+              zip(torch._foreach_norm(reference), torch._foreach_norm(tensors))]
+    torch._foreach_mul_(tensors, ratios)
 
 
 @dataclass(frozen=True)
 class SecondMoment(Stage):
-    """Muon²'s Adam-style preconditioner, applied before orthogonalization, with V tracked on the
-    raw gradient G_t (not on the momentum):
+    """An Adam-style element-wise preconditioner:
 
-        V ← β₂ V + (1 − β₂) G²,        X ← X / (sqrt(V) + ε)
+        V ← β₂ V + (1 − β₂) Y²,        X ← X / (sqrt(V) + ε)
 
-    factored (Muon²-F, Adafactor's rank-1 estimate, (m + n) numbers per matrix):
+    with Y the raw gradient G_t (``source="gradient"``, Muon², before orthogonalization) or the
+    stage's input X (``source="update"``, AdaMuon, on the orthogonalized update).
+    factored (Muon²-F, Adafactor's rank-1 estimate, (m + n) numbers per matrix; gradient source):
         r ← β₂ r + (1 − β₂) mean_j(G² + ε₁) ∈ R^m,   c ← β₂ c + (1 − β₂) mean_i(G² + ε₁) ∈ R^n,
         V̂ = r cᵀ / mean(r)
     V starts at zero without bias correction (a scalar correction would cancel in Newton–Schulz
-    up to ε). State: ``second_moment``, or ``row_moment`` and ``col_moment``."""
+    up to ε). State: ``second_moment/v``, or ``second_moment/row`` and ``second_moment/col``."""
 
     factored: bool = False
+    source: str = "gradient"
     eps1: float = 1e-30  # Adafactor's ε₁ inside the factored statistics
+    namespace: str = "second_moment"
+
+    def __post_init__(self):
+        if self.source not in ("gradient", "update"):
+            raise ValueError(f"unknown second-moment source {self.source!r}; valid: 'gradient', 'update'")
+        if self.factored and self.source != "gradient":
+            raise ValueError("the factored second moment is tracked on the gradient (source='gradient')")
 
     def __call__(self, updates, step):
         beta2, eps = step.group["beta2"], step.group["eps"]
+        observed = step.grads if self.source == "gradient" else updates
         if self.factored:
-            squared = torch._foreach_mul(step.grads, step.grads)
+            squared = torch._foreach_mul(observed, observed)
             rows = [(g2 + self.eps1).mean(dim=-1) for g2 in squared]
             cols = [(g2 + self.eps1).mean(dim=-2) for g2 in squared]
-            row_moment, col_moment = state_tensors(step, "row_moment", rows), state_tensors(step, "col_moment", cols)
+            row_moment, col_moment = self.state(step, "row", rows), self.state(step, "col", cols)
             torch._foreach_lerp_(row_moment, rows, 1.0 - beta2)
             torch._foreach_lerp_(col_moment, cols, 1.0 - beta2)
             denominator = [torch.outer(r, c) / r.mean() for r, c in zip(row_moment, col_moment)]
             torch._foreach_sqrt_(denominator)
-        else:  # V ← β₂ V + (1 − β₂) G², in place
-            second = state_tensors(step, "second_moment", step.grads)
+        else:  # V ← β₂ V + (1 − β₂) Y², in place
+            second = self.state(step, "v", observed)
             torch._foreach_mul_(second, beta2)
-            torch._foreach_addcmul_(second, step.grads, step.grads, value=1.0 - beta2)
+            torch._foreach_addcmul_(second, observed, observed, value=1.0 - beta2)
             denominator = torch._foreach_sqrt(second)
         torch._foreach_add_(denominator, eps)
         torch._foreach_reciprocal_(denominator)
@@ -236,14 +304,27 @@ class SecondMoment(Stage):
 
 
 @dataclass(frozen=True)
-class Orthogonalize(Stage):
-    """X → NS_K(X) or polar(X), configured by the group's ns_* entries and `orthogonalizer`; the
-    result is returned in X's dtype. Under FSDP2 (and DDP, when the optimizer's
-    ``split_orthogonalization()`` was called) each matrix is orthogonalized whole on one owner rank
-    (optim/distributed.py)."""
+class Sign(Stage):
+    """sign(X), element-wise (AdaMuon's sign stabilisation before Newton–Schulz). No state."""
 
     def __call__(self, updates, step):
-        return orthogonalize_distributed(orthogonalizer_of(step.group).apply_all, updates, step.replicated_over)
+        return torch._foreach_sign(updates)
+
+
+@dataclass(frozen=True)
+class Orthogonalize(Stage):
+    """X → NS_K(X) or polar(X), configured by the group's ns_* entries and `orthogonalizer`; the
+    result is returned in X's dtype. A group with ``head_split = (h, 0)`` orthogonalizes each of the
+    h row blocks of its matrices on its own (the heads of a q, k, v or fused qkv projection), with
+    ``(h, 1)`` each of h column blocks (an attention output projection's heads). Under FSDP2 (and
+    DDP, when the optimizer's ``split_orthogonalization()`` was called) each matrix is orthogonalized
+    whole on one owner rank (optim/distributed.py)."""
+
+    def __call__(self, updates, step):
+        orthogonalize = orthogonalizer_of(step.group).apply_all
+        if step.group.get("head_split") is not None:
+            orthogonalize = per_head(orthogonalize, *step.group["head_split"])
+        return orthogonalize_distributed(orthogonalize, updates, step.replicated_over)
 
 
 def orthogonalizer_of(group: dict) -> Orthogonalizer:
@@ -251,3 +332,138 @@ def orthogonalizer_of(group: dict) -> Orthogonalizer:
         method=group["orthogonalizer"], steps=group["ns_steps"], coefficients=group["ns_coefficients"],
         dtype=group["ns_dtype"], eps=group["ns_eps"], norm=group["ns_norm"],
     )
+
+
+def per_head(orthogonalize, blocks: int, dim: int):
+    """`orthogonalize` applied to each of `blocks` equal row (dim 0) or column (dim 1) blocks of every
+    matrix, all blocks of all matrices in one batched call."""
+    def split(matrices: list[Tensor]) -> list[Tensor]:
+        pieces = [block for X in matrices for block in X.chunk(blocks, dim=dim)]
+        done = orthogonalize(pieces)
+        return [torch.cat(done[i * blocks:(i + 1) * blocks], dim=dim) for i in range(len(matrices))]
+    return split
+
+
+@dataclass(frozen=True)
+class LowRankOrthogonalize(Stage):
+    """Dion's rank-r orthonormal update with error feedback (Ahn, Xu, Abreu, Langford et al. 2025,
+    arXiv 2504.05295, Algorithm 1; microsoft/dion ``dion_simple.py``), on the raw gradient:
+
+        M ← M + G                                sum momentum
+        P ← QR(M Q)                              one power-iteration step, warm-started from Q (n × r)
+        R ← Mᵀ P
+        M ← M − (1 − μ) P Rᵀ                     error feedback: only the captured part decays
+        Q ← R ⊘ (‖R_{:,j}‖ + ε)                  column-normalised, the next step's start
+        D = P Qᵀ
+
+    μ = group["momentum"], ε = group["eps"], r = ceil(rank_fraction · min(m, n)). Q starts as a
+    standard normal matrix from a generator seeded with the matrix's position in its group, so that
+    every DDP replica starts alike. FSDP2 shards are gathered and the new M re-sharded. State:
+    ``dion/momentum``, ``dion/q``."""
+
+    rank_fraction: float = 1.0
+    namespace: str = "dion"
+
+    def __post_init__(self):
+        if not 0.0 < self.rank_fraction <= 1.0:
+            raise ValueError(f"rank_fraction={self.rank_fraction} must be in (0, 1]")
+
+    def __call__(self, updates, step):
+        mu, eps = step.group["momentum"], step.group["eps"]
+        buffers = self.state(step, "momentum", updates)
+        torch._foreach_add_(buffers, updates)
+        out = []
+        for index, (state, M_local) in enumerate(zip(step.states, buffers)):
+            M = gather_whole([M_local])[0]
+            key = f"{self.namespace}/q"
+            if key not in state:
+                rank = math.ceil(self.rank_fraction * min(M.shape))
+                generator = torch.Generator(device=M.device).manual_seed(index)
+                state[key] = torch.randn(M.shape[1], rank, generator=generator, device=M.device, dtype=M.dtype)
+            Q = state[key]
+            P, _ = torch.linalg.qr(M @ Q)
+            R = M.T @ P
+            M = M - (1.0 - mu) * (P @ R.T)
+            Q.copy_(R / (R.norm(dim=0, keepdim=True) + eps))
+            M_local.copy_(shard_like([M], [M_local])[0])
+            out.append(shard_like([P @ Q.T], [M_local])[0])
+        return out
+
+
+@dataclass(frozen=True)
+class NeuronNormalize(Stage):
+    """NorMuon's per-neuron normalisation after orthogonalization (Li, Liu, Liang, Chen, Zhao 2025,
+    arXiv 2510.05491, Algorithm 1; zichongli5/NorMuon ``normuon.py``), for O (m × n):
+
+        v ← β₂ v + (1 − β₂) mean_j(O²_{ij}) ∈ R^m     one second moment per output neuron (row)
+        Ô = O ⊘ (sqrt(v) + ε)                          broadcast over the columns
+        Ô ← Ô · ‖O‖_F / ‖Ô‖_F                          the released code's rescale to O's norm
+
+    β₂ = group["beta2"], ε = group["eps"]; no bias correction (the code). Under FSDP2 the rows are
+    the shard's own, so it runs on shards; the rescale's norms are whole-matrix norms. State:
+    ``neuron_moment/v`` (m × 1)."""
+
+    namespace: str = "neuron_moment"
+
+    def __call__(self, updates, step):
+        beta2, eps = step.group["beta2"], step.group["eps"]
+        row_means = [(O * O).mean(dim=-1, keepdim=True) for O in updates]
+        moments = self.state(step, "v", row_means)
+        torch._foreach_lerp_(moments, row_means, 1.0 - beta2)
+        denominator = torch._foreach_sqrt(moments)
+        torch._foreach_add_(denominator, eps)
+        normalised = [O / d for O, d in zip(updates, denominator)]
+        rescale_to_norm_of_(normalised, updates)
+        return normalised
+
+
+@dataclass(frozen=True)
+class ScaleByShape(Stage):
+    """s(m, n) X with the group's scale rule ``adjust_lr_fn`` (optim/matrix.py), (m, n) the shape of
+    the blocks that were orthogonalized (a head's, with ``split_heads``)."""
+
+    def __call__(self, updates, step):
+        head_split = step.group.get("head_split")
+        return torch._foreach_mul(updates, [update_scale(block_shape(p.shape, head_split), step.group["adjust_lr_fn"])
+                                            for p in step.params])
+
+
+@dataclass(frozen=True)
+class ScaleToRms(Stage):
+    """ρ sqrt(m n) X / (‖X‖_F + ε): every matrix's update gets RMS ρ = ``rms`` (AdaMuon's
+    RMS alignment, 0.2 as Adam's typical RMS), ε = group["eps"]. Takes ScaleByShape's place."""
+
+    rms: float = 0.2
+
+    def __call__(self, updates, step):
+        eps = step.group["eps"]
+        norms = torch._foreach_norm(updates)
+        return torch._foreach_mul(updates, [self.rms * math.sqrt(p.shape[-2] * p.shape[-1]) / (norm + eps)
+                                            for p, norm in zip(step.params, norms)])
+
+
+@dataclass(frozen=True)
+class AddDecayedWeights(Stage):
+    """X + λ W, λ = group["weight_decay"] (optax's ``add_decayed_weights``); with the group's
+    ``cautious_weight_decay``, X + λ W ⊙ 1[X ⊙ W > 0]: decay only the coordinates the update already
+    moves toward zero (Chen et al. 2025, arXiv 2510.12402; modded-nanogpt, Dion)."""
+
+    def __call__(self, updates, step):
+        wd = step.group["weight_decay"]
+        if not wd:
+            return updates
+        if step.group.get("cautious_weight_decay"):
+            decay = [W * (X * W > 0) for X, W in zip(updates, step.params)]
+            return torch._foreach_add(updates, decay, alpha=wd)
+        return torch._foreach_add(updates, step.params, alpha=wd)
+
+
+@dataclass(frozen=True)
+class ScaleByLearningRate(Stage):
+    """−η X, η = group["lr"] (optax's ``scale_by_learning_rate``); the optimizer then adds it to W."""
+
+    def __call__(self, updates, step):
+        return torch._foreach_mul(updates, -step.group["lr"])
+
+
+UPDATE_TAIL: tuple[Stage, ...] = (ScaleByShape(), AddDecayedWeights(), ScaleByLearningRate())

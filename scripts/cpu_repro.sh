@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The CPU-scale reproduction of README "Reproducing the papers", stage by stage:
-#   bash scripts/cpu_repro.sh lr      # lr sweep (3-5 points) of all eleven optimizers at seed 1337 (~50 min, 2 cores)
-#   bash scripts/cpu_repro.sh seeds   # seeds 1338, 1339 at each best lr (configs/tuning/cpu_repro/) (~30 min)
+#   bash scripts/cpu_repro.sh lr      # lr sweep (3-5 points) of all seventeen optimizers at seed 1337 (~75 min, 2 cores)
+#   bash scripts/cpu_repro.sh seeds   # seeds 1338, 1339 at each best lr (configs/tuning/cpu_repro/) (~45 min)
 #   bash scripts/cpu_repro.sh table   # the speedup tables of both stages into results/cpu_repro/
 # Runs already finished are skipped on a rerun (train.py resumes or reports them done).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-MATRIX_OPTIMS=muon,mars_m,mars_m_exact,muon_nsr,muon_vs,muon2,muon2_f,pre_polar,post_polar,polar_only
+MATRIX_OPTIMS=muon,mars_m,mars_m_exact,muon_nsr,muon_vs,muon2,muon2_f,pre_polar,post_polar,polar_only,normuon,adamuon,muon_clip,dion,muon_cautious,muon_split_heads
 ALL_OPTIMS=adamw,$MATRIX_OPTIMS
 RUNS=runs/cpu_repro
 

@@ -99,7 +99,7 @@ def stationary(probe: Probe, grads: int, rank: int, ns_steps: int) -> tuple[list
         V = torch.zeros_like(signal)
         for G in stream:
             M, V = 0.95 * M + 0.05 * G, 0.95 * V + 0.05 * G**2
-        muon2_input = preconditioned_input({"second_moment": V}, M, eps=1e-8)
+        muon2_input = preconditioned_input({"second_moment/v": V}, M, eps=1e-8)
         for k, (raw, pre) in enumerate(zip(directional_alignment(M, ns_steps),
                                            directional_alignment(muon2_input, ns_steps)), start=1):
             ns_rows.append({"layer": name, "k": k, "raw_momentum": raw, "muon2_input": pre})
@@ -123,7 +123,7 @@ def trajectory(probe: Probe, steps: int, window: int, rank: int) -> list[dict]:
             P = polar_svd(G)
             post[name] = P if post[name] is None else matrix_beta * post[name] + (1 - matrix_beta) * P
             signal = torch.stack(list(recent[name])).mean(0)
-            M = probe.optimizer.state[probe.params[name]].get("momentum_buffer")
+            M = probe.optimizer.state[probe.params[name]].get("momentum/buffer")
             row = {"layer": name, "step": t}
             if M is not None:
                 row["momentum_sin2_left"] = principal_angles(M.double(), signal, rank)["sin2_left"]

@@ -41,7 +41,8 @@ def test_option_composes_and_builds(group, option, tmp_path):
     elif group == "optim":
         tiny = build_model(OmegaConf.to_container(compose(["model=gpt2_tiny"]).model))
         optimizer = build_optimizer(tiny, node)
-        assert {g["name"] for g in optimizer.param_groups} == {"matrix", "embedding", "vector"}
+        per_head = {"matrix_head_rows", "matrix_head_cols"} if node.split_heads else set()
+        assert {g["name"] for g in optimizer.param_groups} == {"matrix", "embedding", "vector"} | per_head
     elif group == "schedule":
         assert 0 <= Schedule(**node).factor(cfg.budget.tokens, cfg.budget.tokens) <= 1
     elif group == "trainer":

@@ -19,11 +19,13 @@ STRATEGIES = {"single": ["trainer.strategy=auto", "trainer.devices=1"],
               "fsdp": ["trainer.strategy=fsdp", "trainer.devices=2"]}
 # fp32 Newton–Schulz wherever it runs (ns_dtype=auto picks bf16 on CPUs with fast bf16 matmuls, whose rounding
 # would depend on how the matrices are batched, not on the strategy)
-CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true", "optim.matrix.ns_dtype=float32"]
+CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true"]
+FP32_NS = "optim.matrix.ns_dtype=float32"  # (Dion has no Newton–Schulz)
 
 
 def train(run_dir, *overrides, cache_dir) -> list[dict]:
-    result = run_cli("train.py", *PARITY, *CPU, f"paths.cache_dir={cache_dir}", f"run_dir={run_dir}", *overrides, timeout=600)
+    ns = [] if "optim=dion" in overrides else [FP32_NS]
+    result = run_cli("train.py", *PARITY, *CPU, *ns, f"paths.cache_dir={cache_dir}", f"run_dir={run_dir}", *overrides, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return read_metrics(run_dir / "metrics.csv")
 
@@ -34,7 +36,8 @@ def max_relative_difference(a: list[dict], b: list[dict], key: str) -> float:
 
 
 @pytest.mark.parametrize("optim", ["muon", "mars_m", "mars_m_exact", "muon_nsr", "muon_vs", "muon2", "muon2_f", "pre_polar",
-                                   "post_polar", "polar_only"])
+                                   "post_polar", "polar_only", "normuon", "adamuon", "muon_clip", "dion", "muon_cautious",
+                                   "muon_split_heads"])
 def test_ddp_equals_one_device_and_fsdp_equals_ddp(tmp_path, cache_dir, optim):
     runs = {name: train(tmp_path / name, f"optim={optim}", *overrides, cache_dir=cache_dir) for name, overrides in STRATEGIES.items()}
     assert [r["step"] for r in runs["fsdp"]] == list(range(1, 21))
@@ -55,7 +58,7 @@ def straight(tmp_path_factory, cache_dir) -> list[dict]:
 def test_a_signal_stops_at_a_step_boundary_and_the_run_resumes_under_another_strategy(tmp_path, cache_dir, straight,
                                                                                          first, then):
     run_dir = tmp_path / "run"
-    args = [*PARITY, *CPU, f"paths.cache_dir={cache_dir}", f"run_dir={run_dir}"]
+    args = [*PARITY, *CPU, FP32_NS, f"paths.cache_dir={cache_dir}", f"run_dir={run_dir}"]
     # to rank 0 only; stopping after an odd step checks that Lightning's micro-batch count is re-aligned when one
     # device takes 2 micro-batches per step where 2 ranks took 1
     code, out = start_and_signal([*args, *STRATEGIES[first]], run_dir, rows=6, sig=signal.SIGTERM)

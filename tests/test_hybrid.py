@@ -126,3 +126,30 @@ def test_state_dict_round_trip_and_one_scheduler_for_all_groups():
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 0.5 ** s)
     opt2.step(), scheduler.step()
     assert [g["lr"] for g in opt2.parts["matrix"].param_groups + opt2.parts["aux"].param_groups] == [0.005] * 3
+
+
+def test_split_heads_puts_each_attention_layout_in_its_own_group():
+    from omegaconf import OmegaConf
+
+    from trainer.config import compose
+
+    for family, rows in (("gpt2", 3 * 2), ("llama", 2)):
+        model = build_model(OmegaConf.to_container(compose([f"model={family}_tiny"]).model))
+        opt = hybrid_optimizer(model, matrix=lambda groups: Muon(groups), aux=lambda groups: torch.optim.AdamW(groups),
+                               split_heads=True)
+        splits = {g["name"]: g.get("head_split") for g in opt.param_groups}
+        assert splits["matrix_head_rows"] == (rows, 0) and splits["matrix_head_cols"] == (2, 1) and splits["matrix"] is None
+        matrices = [r.param for r in route_parameters(model) if r.role == "matrix"]
+        assert sum(len(g["params"]) for g in opt.parts["matrix"].param_groups) == len(matrices)
+        whole = next(g for g in opt.param_groups if g["name"] == "matrix")
+        assert len(whole["params"]) == len(matrices) - len(model.head_splits())  # the MLPs'
+
+
+def test_split_heads_needs_an_orthogonalizing_matrix_optimizer():
+    from omegaconf import OmegaConf
+
+    from trainer.config import compose
+
+    model = build_model(OmegaConf.to_container(compose(["model=gpt2_tiny"]).model))
+    with pytest.raises(RoutingError, match="split_heads: AdamW does not orthogonalize"):
+        hybrid_optimizer(model, matrix=lambda g: torch.optim.AdamW(g), aux=lambda g: torch.optim.AdamW(g), split_heads=True)

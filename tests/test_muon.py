@@ -87,7 +87,7 @@ def test_state_dict_round_trip_continues_identically():
         saved_params[0].grad = G.clone()
         restored.step()
     assert torch.equal(saved_params[0], params[0])
-    assert set(saved_state["state"][0]) == {"momentum_buffer", "step"}
+    assert set(saved_state["state"][0]) == {"momentum/buffer", "step"}
 
 
 def test_refuses_non_matrix_parameters():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from optim import MARSM, Muon, Muon2, Muon2F, MuonNSR, MuonVS, PolarOnly, PostPolar, PrePolar
+from optim import MARSM, AdaMuon, Dion, Muon, Muon2, Muon2F, MuonNSR, MuonVS, NorMuon, PolarOnly, PostPolar, PrePolar
 from optim.orthogonalize import newton_schulz, polar_svd
 
 SHAPES = [(24, 12), (12, 24), (16, 16)]  # tall, wide, square
@@ -49,7 +49,7 @@ def run_optimizer(make, seed=0, scale=1.0, steps=STEPS):
 
 def scale_of(shape, rule):
     m, n = shape
-    return {"original": math.sqrt(max(1, m / n)), "match_rms_adamw": 0.2 * math.sqrt(max(m, n))}[rule]
+    return {"original": math.sqrt(max(1, m / n)), "match_rms_adamw": 0.2 * math.sqrt(max(m, n)), "spectral": math.sqrt(m / n)}[rule]
 
 
 def apply(W, D, rule):
@@ -78,7 +78,7 @@ def transcribe_muon(nesterov, rule):
             Ms[i] = BETA * Ms[i] + (1 - BETA) * G
             N = (1 - BETA) * G + BETA * Ms[i] if nesterov else Ms[i]
             Ws[i] = apply(Ws[i], polar_svd(N), rule)
-    return Ws, {"momentum_buffer": Ms}
+    return Ws, {"momentum/buffer": Ms}
 
 
 def transcribe_mars_m(gamma, exact, clip):
@@ -92,7 +92,7 @@ def transcribe_mars_m(gamma, exact, clip):
             Ms[i] = BETA * Ms[i] + (1 - BETA) * C
             Ws[i] = apply(Ws[i], polar_svd(Ms[i]), "match_rms_adamw")
             prev[i] = lookahead[t][i] if exact else G
-    return Ws, {"momentum_buffer": Ms, "last_grad": prev}
+    return Ws, {"momentum/buffer": Ms, "mars/last_grad": prev}
 
 
 def transcribe_variance_adaptive(kind, gamma, eps):
@@ -109,7 +109,7 @@ def transcribe_variance_adaptive(kind, gamma, eps):
             else:
                 M_bar = M_tilde / (torch.sqrt(Gamma_hat) + eps)
             Ws[i] = apply(Ws[i], polar_svd(M_bar), "match_rms_adamw")
-    return Ws, {"momentum_buffer": Ms, "variance": Gs}
+    return Ws, {"momentum/buffer": Ms, "variance/gamma": Gs}
 
 
 def transcribe_muon2(factored, beta2, eps, eps1=1e-30, form="sum", orthogonalize=polar_svd):
@@ -129,8 +129,8 @@ def transcribe_muon2(factored, beta2, eps, eps1=1e-30, form="sum", orthogonalize
                 V = Vs[i]
             Ws[i] = apply(Ws[i], orthogonalize(Bs[i] / (torch.sqrt(V) + eps)), "match_rms_adamw")
     # the optimizer keeps the EMA M = (1 - β) B
-    state = {"momentum_buffer": [(1 - BETA) * b if form == "sum" else b for b in Bs]}
-    state.update({"row_moment": rs, "col_moment": cs} if factored else {"second_moment": Vs})
+    state = {"momentum/buffer": [(1 - BETA) * b if form == "sum" else b for b in Bs]}
+    state.update({"second_moment/row": rs, "second_moment/col": cs} if factored else {"second_moment/v": Vs})
     return Ws, state
 
 
@@ -141,7 +141,7 @@ def transcribe_post_polar():
         for i, G in enumerate(G_t):
             Ms[i] = BETA * Ms[i] + (1 - BETA) * polar_svd(G)
             Ws[i] = apply(Ws[i], Ms[i], "match_rms_adamw")
-    return Ws, {"momentum_buffer": Ms}
+    return Ws, {"momentum/buffer": Ms}
 
 
 def transcribe_polar_only():
@@ -212,7 +212,7 @@ def transcribe_moonlight(nesterov, ns_eps):
             Bs[i] = BETA * Bs[i] + G
             N = G + BETA * Bs[i] if nesterov else Bs[i]
             Ws[i] = apply(Ws[i], newton_schulz(N, 5, "kj", torch.float64, ns_eps, "add"), "match_rms_adamw")
-    return Ws, {"momentum_buffer": [(1 - BETA) * b for b in Bs]}
+    return Ws, {"momentum/buffer": [(1 - BETA) * b for b in Bs]}
 
 
 @pytest.mark.parametrize("cls,nesterov", [(Muon, True), (Muon, False), (PrePolar, False)])
@@ -244,7 +244,7 @@ def test_muon_nsr_reshuffled_normalises_after_newton_schulz():
             O_bar = O / (torch.sqrt(O**2 + gamma * Gs[i] / (1 - BETA**t)) + eps)
             Ws[i] = apply(Ws[i], O_bar * O.norm() / O_bar.norm(), "match_rms_adamw")
     check(*run_optimizer(lambda ps: MuonNSR(ps, momentum=BETA, gamma=gamma, eps=eps, reshuffled=True, **SVD)),
-          Ws, {"momentum_buffer": Ms, "variance": Gs})
+          Ws, {"momentum/buffer": Ms, "variance/gamma": Gs})
 
 
 def test_pre_polar_equations():
@@ -351,7 +351,8 @@ ALL = {
     "Muon": lambda ps: Muon(ps), "MARSM": lambda ps: MARSM(ps), "MARSM-exact": lambda ps: MARSM(ps, exact=True),
     "MuonNSR": lambda ps: MuonNSR(ps), "MuonVS": lambda ps: MuonVS(ps), "Muon2": lambda ps: Muon2(ps),
     "Muon2F": lambda ps: Muon2F(ps), "PrePolar": lambda ps: PrePolar(ps), "PostPolar": lambda ps: PostPolar(ps),
-    "PolarOnly": lambda ps: PolarOnly(ps),
+    "PolarOnly": lambda ps: PolarOnly(ps), "NorMuon": lambda ps: NorMuon(ps), "AdaMuon": lambda ps: AdaMuon(ps),
+    "Dion": lambda ps: Dion(ps, rank_fraction=0.5), "Muon-cautious": lambda ps: Muon(ps, cautious_weight_decay=True),
 }
 
 
@@ -375,7 +376,7 @@ def test_state_dict_round_trip_continues_identically(name):
 
 
 MATRIX_CONFIGS = sorted(p.stem for p in (ROOT / "configs" / "optim").glob("*.yaml")
-                        if "optim." in (ROOT / "configs" / "optim" / p.name).read_text())
+                        if "_target_: optim." in p.read_text())  # the files that name a class (not the variants of one)
 
 
 @pytest.mark.parametrize("name", MATRIX_CONFIGS)
@@ -394,13 +395,13 @@ def test_python_defaults_are_the_optim_configs(name):
             assert defaults[key] == (list(value) if hasattr(value, "__len__") and not isinstance(value, str) else value), key
 
 
-@pytest.mark.parametrize("cls", [MARSM, Muon, Muon2, Muon2F, MuonNSR, MuonVS, PolarOnly, PostPolar, PrePolar])
+@pytest.mark.parametrize("cls", [MARSM, Muon, Muon2, Muon2F, MuonNSR, MuonVS, PolarOnly, PostPolar, PrePolar, NorMuon, AdaMuon])
 def test_one_name_for_the_newton_schulz_epsilon(cls):
     import inspect
 
     parameters = inspect.signature(cls).parameters
     assert parameters["ns_eps"].default == 1e-7
-    assert ("eps" in parameters) == (cls in (Muon2, Muon2F, MuonNSR, MuonVS))  # eps is the preconditioner's own
+    assert ("eps" in parameters) == (cls in (Muon2, Muon2F, MuonNSR, MuonVS, NorMuon, AdaMuon))  # the preconditioner's own
 
 
 def test_defaults_follow_the_released_code():

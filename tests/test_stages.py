@@ -41,7 +41,7 @@ def test_momentum_variants(nesterov, sum_scale, bias_correction):
     if sum_scale:
         N = N / (1 - BETA)
     assert torch.allclose(outputs[1][0], N, atol=1e-14)
-    assert torch.allclose(states[0]["momentum_buffer"], M, atol=1e-14)
+    assert torch.allclose(states[0]["momentum/buffer"], M, atol=1e-14)
 
 
 def test_sum_scaled_nesterov_is_moonlight_and_variance_adaptive_look_ahead():
@@ -53,7 +53,7 @@ def test_sum_scaled_nesterov_is_moonlight_and_variance_adaptive_look_ahead():
 
 def test_momentum_output_is_not_the_state_buffer():
     outputs, states = run_stage(Momentum(nesterov=False), [gradients(3)])
-    assert outputs[0][0] is not states[0]["momentum_buffer"]
+    assert outputs[0][0] is not states[0]["momentum/buffer"]
 
 
 def test_mars_correction_approximate_uses_a_copy_of_last_gradient():
@@ -71,11 +71,11 @@ def test_mars_correction_approximate_uses_a_copy_of_last_gradient():
 def test_mars_correction_exact_uses_the_stored_lookahead():
     G, H_prev, H_next = gradients(5, n=3)
     stage = MarsCorrection(exact=True, clip=False)
-    states = [{"last_grad": H_prev.clone(), "lookahead_grad": H_next.clone()}]
+    states = [{"mars/last_grad": H_prev.clone(), "mars/lookahead_grad": H_next.clone()}]
     out = stage([G], step_of([G], states, 2))
     assert torch.allclose(out[0], G + 0.5 * BETA / (1 - BETA) * (G - H_prev))
-    assert torch.equal(states[0]["last_grad"], H_next)  # next step's G_prev
-    assert "lookahead_grad" not in states[0]  # consumed: the next step needs a fresh one
+    assert torch.equal(states[0]["mars/last_grad"], H_next)  # next step's G_prev
+    assert "mars/lookahead_grad" not in states[0]  # consumed: the next step needs a fresh one
 
 
 def test_mars_clip_only_shrinks_to_unit_frobenius_norm():
@@ -90,7 +90,7 @@ def test_gradient_variance_closed_form_and_pass_through():
     G1, G2 = gradients(8, n=1)[0], gradients(9, n=1)[0]
     stage_outputs, states = run_stage(GradientVariance(), [[G1], [G2]])
     # Γ_1 = β(1-β) G1² (M_0 = 0); the buffer is not updated by this stage, so M stays 0: Γ_2 = βΓ_1 + β(1-β) G2²
-    assert torch.allclose(states[0]["variance"], BETA * BETA * (1 - BETA) * G1**2 + BETA * (1 - BETA) * G2**2)
+    assert torch.allclose(states[0]["variance/gamma"], BETA * BETA * (1 - BETA) * G1**2 + BETA * (1 - BETA) * G2**2)
     assert stage_outputs[1][0] is not None and torch.equal(stage_outputs[1][0], G2)
 
 
@@ -98,12 +98,12 @@ def test_gradient_variance_closed_form_and_pass_through():
 def test_noise_to_signal(kind):
     X, Gamma = gradients(10, n=2)
     Gamma = Gamma.abs()
-    states = [{"variance": Gamma.clone()}]
+    states = [{"variance/gamma": Gamma.clone()}]
     out = NoiseToSignal(kind)([X], step_of([X], states, 3))
     Gamma_hat = Gamma / (1 - BETA**3)
     expected = X / (torch.sqrt(X**2 + 0.5 * Gamma_hat) + 1e-3) if kind == "nsr" else X / (torch.sqrt(Gamma_hat) + 1e-3)
     assert torch.allclose(out[0], expected, atol=1e-14)
-    assert torch.equal(states[0]["variance"], Gamma)  # the state is read, not changed
+    assert torch.equal(states[0]["variance/gamma"], Gamma)  # the state is read, not changed
 
 
 def test_noise_to_signal_kind_is_checked():
@@ -134,7 +134,7 @@ def test_factored_second_moment_keeps_m_plus_n_numbers():
     G = gradients(14, shape=(6, 4), n=1)
     states = [{}]
     SecondMoment(factored=True)(G, step_of(G, states, 1))
-    assert states[0]["row_moment"].shape == (6,) and states[0]["col_moment"].shape == (4,)
+    assert states[0]["second_moment/row"].shape == (6,) and states[0]["second_moment/col"].shape == (4,)
 
 
 def test_orthogonalize_returns_the_polar_factor_in_the_input_dtype():

@@ -153,7 +153,7 @@ def test_exact_mars_m_second_gradient_is_the_previous_weights_on_the_current_bat
         (loss / len(micro_batches)).backward()
     for name, p in model.named_parameters():
         if name in snapshot.state:
-            stored = snapshot.state[name]["last_grad"].double()
+            stored = snapshot.state[name]["mars/last_grad"].double()
             assert (stored - p.grad).norm() / p.grad.norm() < 1e-5, name  # fp32 training vs fp64 recomputation
 
 

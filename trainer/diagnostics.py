@@ -40,10 +40,10 @@ def default_layers(model: torch.nn.Module) -> list[str]:
 
 def preconditioned_input(state: dict, momentum: torch.Tensor, eps: float) -> torch.Tensor | None:
     """Muon²'s M/(sqrt(V)+ε) from the optimizer state (Adam or factored second moment), if it has one."""
-    if "second_moment" in state:
-        V = state["second_moment"].double()
-    elif "row_moment" in state:
-        rows, cols = state["row_moment"].double(), state["col_moment"].double()
+    if "second_moment/v" in state:
+        V = state["second_moment/v"].double()
+    elif "second_moment/row" in state:
+        rows, cols = state["second_moment/row"].double(), state["second_moment/col"].double()
         V = torch.outer(rows, cols) / rows.mean()
     else:
         return None
@@ -95,10 +95,10 @@ class SpectralDiagnostics(L.Callback):
         for name in names:
             p = params[name]
             state = optimizer.state.get(p, {})
-            if p.grad is None or "momentum_buffer" not in state:
+            if p.grad is None or "momentum/buffer" not in state:
                 continue
-            moments = {k: v for k, v in state.items() if k in ("second_moment", "row_moment", "col_moment")}
-            G, M, *whole = gather_whole([p.grad, state["momentum_buffer"], *moments.values()])  # all ranks (FSDP)
+            moments = {k: v for k, v in state.items() if k in ("second_moment/v", "second_moment/row", "second_moment/col")}
+            G, M, *whole = gather_whole([p.grad, state["momentum/buffer"], *moments.values()])  # all ranks (FSDP)
             if not trainer.is_global_zero:
                 continue
             local_state = dict(zip(moments, whole))

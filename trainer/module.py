@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from data import TokenStream, TrainBatches
 from models import build_model
 from optim.distributed import gather_whole
+from optim.qk_clip import QKClip
 from optim.schedules import Schedule
 from trainer.checkpoint import FORMAT, last_checkpoint_path, renumber_optimizer_state, save_atomic
 from trainer.errors import ConfigError, NonFiniteLossError
@@ -50,6 +51,7 @@ class LanguageModel(L.LightningModule):
         self.checkpoint_path = last_checkpoint_path(cfg.run_dir)
         self.pending_metrics: dict = {}  # columns callbacks add to the current step's row
         self.last_row: dict | None = None
+        self.qk_clip: QKClip | None = None  # MuonClip: built with the optimizer
         self.last_checkpoint_step = 0
         self.stop_request = StopRequest()
         self.stopped_by: int | None = None  # the signal that stopped training early, if any
@@ -94,6 +96,8 @@ class LanguageModel(L.LightningModule):
                 f"matrix optimizer {'needs' if optimizer.needs_lookahead else 'has no use for'} a look-ahead gradient; "
                 f"set optim.gradient_evals_per_step={2 if optimizer.needs_lookahead else 1}"
             )
+        threshold = self.cfg.optim.qk_clip_threshold
+        self.qk_clip = QKClip(self.model, threshold) if threshold is not None else None  # MuonClip
         if self.global_rank == 0:
             print_routing(self.model, optimizer, self.cfg.optim.name)
         plan, schedule = self.plan, self.schedule
@@ -188,6 +192,8 @@ class LanguageModel(L.LightningModule):
                "grad_norm": self._grad_norm, "grad_evals": step * self.plan.gradient_evals_per_step,
                "tokens_per_s": tokens_per_s, "mfu": self._flops_per_token * tokens_per_s / self._peak_flops,
                "peak_memory_gb": peak_memory_gb(self.device), "elapsed_s": self.elapsed_s}
+        if self.qk_clip is not None:  # after the optimizer step, before any checkpoint of it
+            row.update(self.qk_clip())
         row.update(self.pending_metrics)
         self.pending_metrics = {}
         if self.plan.eval_due(step):

@@ -21,8 +21,8 @@ def _factory(optim_cfg: DictConfig, part: str):
 def build_optimizer(model, optim_cfg: DictConfig) -> HybridOptimizer:
     matrix, aux = _factory(optim_cfg, "matrix"), _factory(optim_cfg, "aux")
     try:
-        return hybrid_optimizer(model, matrix=matrix, aux=aux)
-    except (TypeError, ValueError) as e:  # bad hyperparameters surface when the optimizer is built
+        return hybrid_optimizer(model, matrix=matrix, aux=aux, split_heads=bool(optim_cfg.split_heads))
+    except (TypeError, ValueError) as e:  # bad hyperparameters (and RoutingError) surface when the optimizer is built
         raise ConfigError(f"optim={optim_cfg.name}: {e}") from None
 
 

@@ -1,0 +1,70 @@
+"""MuonClip's QK-clip (Kimi Team 2025, "Kimi K2: Open Agentic Intelligence", arXiv 2507.20534, §2.1):
+after each optimizer step, the query and key weights of every attention head whose largest
+pre-softmax logit passed a threshold τ are scaled down, so the logits cannot grow without bound.
+
+For each layer and head h, with S_max^h the largest q_i·k_j · scale (j ≤ i) seen in the step's
+training forwards (the maximum over micro-batches and, under DDP/FSDP, over ranks):
+
+    γ_h = min(1, τ / S_max^h)
+    W_q^h ← sqrt(γ_h) W_q^h,    W_k^h ← sqrt(γ_h) W_k^h      (their biases too)
+
+so the next logits of head h are scaled by γ_h (RoPE is linear in q and k, so it commutes). Heads
+under τ are untouched; K2 uses τ = 100 (its multi-head-latent variant splits the shared rotary key,
+which a plain multi-head attention does not have). The attention modules provide the logits and
+their q/k rows per head (models/attention.py: ``QKLogitTracking``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from optim.distributed import DTensor, Shard, dist, shard_rows
+
+
+class QKClip:
+    def __init__(self, model: nn.Module, threshold: float = 100.0):
+        if not threshold > 0:
+            raise ValueError(f"qk_clip_threshold={threshold} must be > 0")
+        self.threshold = float(threshold)
+        self.layers = [m for m in model.modules() if hasattr(m, "qk_row_heads") and hasattr(m, "pop_max_logits")]
+        if not self.layers:
+            raise ValueError(f"QK-clip: {type(model).__name__} has no attention module that reports its logits "
+                             "(models.gpt2 and models.llama do)")
+        for layer in self.layers:
+            layer.track_max_logits = True
+
+    @torch.no_grad()
+    def __call__(self) -> dict[str, float]:
+        """Clip after a step; returns the step's largest logit per layer and head, and overall."""
+        seen = [layer.pop_max_logits() for layer in self.layers]
+        if any(s is None for s in seen):  # no training forward since the last step
+            return {}
+        maxima = torch.stack(seen)  # (layers, heads)
+        if dist is not None and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+        gammas = (self.threshold / maxima).clamp(max=1.0)
+        for layer, gamma in zip(self.layers, gammas):
+            if bool((gamma < 1).any()):
+                for param, heads in layer.qk_row_heads():
+                    factors = torch.where(heads >= 0, gamma.sqrt().cpu()[heads.clamp(min=0)], torch.ones(()))
+                    scale_rows_(param, factors.to(param.device, param.dtype))
+        out = {"qk_max_logit": maxima.max().item()}
+        for i, row in enumerate(maxima.tolist()):
+            out.update({f"qk_logit/l{i}h{h}": value for h, value in enumerate(row)})
+        return out
+
+
+def scale_rows_(param: torch.Tensor, factors: torch.Tensor) -> None:
+    """param[i] *= factors[i] along dim 0, in place; an FSDP2 row shard scales its own rows."""
+    if isinstance(param, DTensor):
+        mesh = param.device_mesh
+        if mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
+            raise NotImplementedError(f"QK-clip scales rows of FSDP2 row shards; got placements {param.placements}")
+        rank, world = mesh.get_local_rank(), mesh.size()
+        rows = shard_rows(param.shape[0], world)
+        start = sum(rows[:rank])
+        local = param.to_local()
+        factors = factors[start:start + rows[rank]]
+        param = local
+    param.mul_(factors.view(-1, *([1] * (param.ndim - 1))))

@@ -1,0 +1,75 @@
+"""MuonClip's QK-clip (optim/qk_clip.py) on the two model families: the logged maxima are the true
+largest causal logits per head, a clipped head's largest logit is τ afterwards, the others are
+untouched, and evaluation forwards are not counted."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from models import build_model
+from models.attention import max_causal_logits
+from optim import QKClip
+from trainer.config import compose
+
+
+def tiny(family: str, **overrides):
+    torch.manual_seed(0)
+    spec = OmegaConf.to_container(compose([f"model={family}_tiny"]).model)
+    return build_model({**spec, **overrides})
+
+
+def largest_logits(model, idx) -> torch.Tensor:
+    """(layers, heads) of one training forward, measured by the model's own tracking."""
+    clip = QKClip(model, threshold=1e30)  # tracks, never clips
+    model.train()
+    model(idx)
+    return torch.stack([layer.pop_max_logits() for layer in clip.layers])
+
+
+def test_max_causal_logits_is_the_largest_unmasked_score():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)
+    expected = torch.full((2,), float("-inf"))
+    for b in range(3):
+        for h in range(2):
+            for i in range(5):
+                for j in range(i + 1):
+                    expected[h] = max(expected[h], (q[b, h, i] @ k[b, h, j]).item() * 0.5)
+    assert torch.allclose(max_causal_logits(q, k), expected, atol=1e-6)
+    assert torch.allclose(max_causal_logits(q, k, scale=0.25), expected / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_clipped_heads_end_at_the_threshold_and_the_others_are_untouched(family):
+    model = tiny(family)
+    with torch.no_grad():  # large q/k weights so that the logits are worth clipping
+        for layer in QKClip(model).layers:
+            for param, heads in layer.qk_row_heads():
+                param.mul_(torch.where(heads >= 0, 6.0, 1.0).view(-1, *([1] * (param.ndim - 1))))
+    idx = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(2))
+    before = largest_logits(model, idx)
+    tau = before[0].mean().item()  # between the first layer's two heads: one clips, one does not
+    clip = QKClip(model, threshold=tau)
+    model(idx)
+    logged = clip()
+    assert logged["qk_max_logit"] == pytest.approx(before.max().item(), rel=1e-6)
+    assert logged["qk_logit/l1h0"] == pytest.approx(before[1, 0].item(), rel=1e-6)
+    # the first layer sees the same input again (later layers see its changed output)
+    after = largest_logits(model, idx)[0]
+    clipped = before[0] > tau
+    assert clipped.sum() == 1
+    assert after[clipped].item() == pytest.approx(tau, rel=1e-5)
+    assert after[~clipped].item() == pytest.approx(before[0][~clipped].item(), rel=1e-6)
+
+
+def test_evaluation_forwards_are_not_counted():
+    model = tiny("gpt2")
+    clip = QKClip(model, threshold=1.0)
+    model.eval()
+    model(torch.zeros(1, 8, dtype=torch.long))
+    assert clip() == {}
+
+
+def test_a_model_without_tracked_attention_is_refused():
+    with pytest.raises(ValueError, match="has no attention module that reports its logits"):
+        QKClip(torch.nn.Linear(2, 2))
