@@ -73,3 +73,20 @@ def test_evaluation_forwards_are_not_counted():
 def test_a_model_without_tracked_attention_is_refused():
     with pytest.raises(ValueError, match="has no attention module that reports its logits"):
         QKClip(torch.nn.Linear(2, 2))
+
+
+def test_a_muon_clip_run_logs_every_heads_largest_logit_and_holds_them_near_the_threshold(make_cfg, tmp_path):
+    from trainer.metrics import read_metrics
+    from trainer.run import run
+
+    tokens = "budget.tokens=768"
+    run(make_cfg("optim=muon_clip", "optim.qk_clip_threshold=1e-4", tokens, run_dir=tmp_path / "clip"))
+    run(make_cfg("optim=muon", tokens, run_dir=tmp_path / "muon"))
+    clipped, plain = read_metrics(tmp_path / "clip" / "metrics.csv"), read_metrics(tmp_path / "muon" / "metrics.csv")
+    heads = [f"qk_logit/l{layer}h{head}" for layer in range(2) for head in range(2)]  # gpt2_tiny: 2 layers x 2 heads
+    for row in clipped:
+        assert row["qk_max_logit"] == pytest.approx(max(row[h] for h in heads), rel=1e-6) and row["qk_max_logit"] > 1e-4
+    assert "qk_max_logit" not in plain[0]
+    assert clipped[0]["train_loss"] == plain[0]["train_loss"]  # the clip acts after the first step...
+    assert clipped[0]["qk_max_logit"] > 100 * 1e-4  # ...on logits far over τ,
+    assert all(row["qk_max_logit"] < 5 * 1e-4 for row in clipped[1:])  # and keeps the next steps' near it
