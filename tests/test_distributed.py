@@ -39,7 +39,11 @@ def max_relative_difference(a: list[dict], b: list[dict], key: str) -> float:
                                    "post_polar", "polar_only", "normuon", "adamuon", "muon_clip", "dion", "muon_cautious",
                                    "muon_split_heads"])
 def test_ddp_equals_one_device_and_fsdp_equals_ddp(tmp_path, cache_dir, optim):
-    runs = {name: train(tmp_path / name, f"optim={optim}", *overrides, cache_dir=cache_dir) for name, overrides in STRATEGIES.items()}
+    # Dion at rank 1/4: at full rank its trailing power-iteration directions are those of M's near-zero singular
+    # values, fixed by rounding (as an exact polar factor's would be), so any two reduction orders part at ~1e-4
+    extra = ["optim.matrix.rank_fraction=0.25"] if optim == "dion" else []
+    runs = {name: train(tmp_path / name, f"optim={optim}", *extra, *overrides, cache_dir=cache_dir)
+            for name, overrides in STRATEGIES.items()}
     assert [r["step"] for r in runs["fsdp"]] == list(range(1, 21))
     for key in ("train_loss", "val_loss", "grad_norm"):
         ddp, fsdp = max_relative_difference(runs["ddp"], runs["single"], key), max_relative_difference(runs["fsdp"], runs["ddp"], key)
