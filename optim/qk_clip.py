@@ -5,7 +5,7 @@ pre-softmax logit passed a threshold τ are scaled down, so the logits cannot gr
 For each layer and head h, with S_max^h the largest q_i·k_j · scale (j ≤ i) seen in the step's
 training forwards (the maximum over micro-batches and, under DDP/FSDP, over ranks):
 
-    γ_h = min(1, τ / S_max^h)
+    γ_h = τ / S_max^h  if S_max^h > τ,  else 1
     W_q^h ← sqrt(γ_h) W_q^h,    W_k^h ← sqrt(γ_h) W_k^h      (their biases too)
 
 so the next logits of head h are scaled by γ_h (RoPE is linear in q and k, so it commutes). Heads
@@ -43,7 +43,7 @@ class QKClip:
         maxima = torch.stack(seen)  # (layers, heads)
         if dist is not None and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-        gammas = (self.threshold / maxima).clamp(max=1.0)
+        gammas = clip_factors(maxima, self.threshold)
         for layer, gamma in zip(self.layers, gammas):
             if bool((gamma < 1).any()):
                 for param, heads in layer.qk_row_heads():
@@ -53,6 +53,11 @@ class QKClip:
         for i, row in enumerate(maxima.tolist()):
             out.update({f"qk_logit/l{i}h{h}": value for h, value in enumerate(row)})
         return out
+
+
+def clip_factors(maxima: torch.Tensor, threshold: float) -> torch.Tensor:
+    """γ = τ / S_max where S_max > τ, else 1 (a head whose logits are all negative is left alone too)."""
+    return torch.where(maxima > threshold, threshold / maxima, torch.ones_like(maxima))
 
 
 def scale_rows_(param: torch.Tensor, factors: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from models import build_model
 from models.attention import max_causal_logits
 from optim import QKClip
+from optim.qk_clip import clip_factors
 from trainer.config import compose
 
 
@@ -60,6 +61,10 @@ def test_clipped_heads_end_at_the_threshold_and_the_others_are_untouched(family)
     assert clipped.sum() == 1
     assert after[clipped].item() == pytest.approx(tau, rel=1e-5)
     assert after[~clipped].item() == pytest.approx(before[0][~clipped].item(), rel=1e-6)
+
+
+def test_only_heads_over_the_threshold_are_scaled_even_when_all_their_logits_are_negative():
+    assert clip_factors(torch.tensor([-3.0, 0.0, 50.0, 100.0, 200.0]), 100.0).tolist() == [1.0, 1.0, 1.0, 1.0, 0.5]
 
 
 def test_evaluation_forwards_are_not_counted():
