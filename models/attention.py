@@ -22,7 +22,8 @@ def max_causal_logits(q: torch.Tensor, k: torch.Tensor, scale: float | None = No
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     T = q.shape[-2]
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    per_sequence = [(qb.float() @ kb.float().transpose(-2, -1) * scale).masked_fill(future, float("-inf")).amax(dim=(-2, -1))
+    dtype = torch.promote_types(q.dtype, torch.float32)  # bf16 activations: scores in fp32
+    per_sequence = [(qb.to(dtype) @ kb.to(dtype).transpose(-2, -1) * scale).masked_fill(future, float("-inf")).amax(dim=(-2, -1))
                     for qb, kb in zip(q, k)]
     return torch.stack(per_sequence).amax(dim=0)
 

@@ -95,3 +95,40 @@ def test_a_muon_clip_run_logs_every_heads_largest_logit_and_holds_them_near_the_
     assert clipped[0]["train_loss"] == plain[0]["train_loss"]  # the clip acts after the first step...
     assert clipped[0]["qk_max_logit"] > 100 * 1e-4  # ...on logits far over τ,
     assert all(row["qk_max_logit"] < 5 * 1e-4 for row in clipped[1:])  # and keeps the next steps' near it
+
+
+def test_qk_clip_matches_its_equations_in_float64():
+    """GPT-2's first layer: S_max^h by brute force from the layer's input, then W_q^h, W_k^h and their
+    biases scaled by sqrt(τ / S_max^h) where S_max^h > τ, v untouched; to 1e-12."""
+    model = tiny("gpt2", bias=True).double()
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        attn.qkv.weight.mul_(8.0)
+        attn.qkv.bias.normal_(0.0, 0.5)
+    seen = {}
+    attn.register_forward_hook(lambda module, args, out: seen.setdefault("x", args[0].detach().clone()))
+    clip = QKClip(model, threshold=1.0)
+    idx = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(5))
+    model.train()
+    model(idx)
+    W, b = attn.qkv.weight.detach().clone(), attn.qkv.bias.detach().clone()
+    C, H = W.shape[1], attn.n_head
+    d = C // H
+    qkv = seen["x"] @ W.T + b
+    S = torch.full((H,), float("-inf"), dtype=torch.float64)
+    for h in range(H):
+        q, k = qkv[..., h * d:(h + 1) * d], qkv[..., C + h * d:C + (h + 1) * d]
+        for n in range(idx.shape[0]):
+            for i in range(idx.shape[1]):
+                for j in range(i + 1):
+                    S[h] = max(S[h], (q[n, i] @ k[n, j]).item() / d**0.5)
+    clip()
+    expected_W, expected_b = W.clone(), b.clone()
+    for h in range(H):
+        if S[h] > 1.0:
+            factor = (1.0 / S[h]).sqrt()
+            for rows in (slice(h * d, (h + 1) * d), slice(C + h * d, C + (h + 1) * d)):
+                expected_W[rows] *= factor
+                expected_b[rows] *= factor
+    assert (S > 1.0).any()
+    assert torch.allclose(attn.qkv.weight, expected_W, rtol=1e-12, atol=0) and torch.allclose(attn.qkv.bias, expected_b, rtol=1e-12, atol=0)
