@@ -51,9 +51,6 @@ class QKLogitTracking(nn.Module):
         raise NotImplementedError
 
 
-def row_heads(rows: int, head_dim: int, first: int = 0, count: int | None = None) -> torch.Tensor:
-    """Head index of each row for `count` rows of heads starting at row `first`; −1 elsewhere."""
-    heads = torch.full((rows,), -1, dtype=torch.long)
-    count = rows - first if count is None else count
-    heads[first:first + count] = torch.arange(count) // head_dim
-    return heads
+def row_heads(rows: int, head_dim: int) -> torch.Tensor:
+    """Head index of each of `rows` rows of consecutive heads of `head_dim` rows each."""
+    return torch.arange(rows) // head_dim
