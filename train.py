@@ -12,8 +12,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import trainer.config  # noqa: F401  (registers the ${muonlab_root:} and ${asset:} resolvers)
+from configs import register_resolvers
 from trainer.errors import USER_ERRORS
+
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

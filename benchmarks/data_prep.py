@@ -21,7 +21,7 @@ from pathlib import Path
 
 from data import TrainBatches, open_dataset, prepare
 from data.tokenizer import gpt2_tokenizer
-from trainer.config import ASSETS, compose
+from configs import ASSETS, compose
 
 HERE = Path(__file__).resolve().parent
 COPIES = 12  # the Shakespeare documents 12 times over: ~13 MB of text, ~4M tokens

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from data import TrainBatches, open_dataset
 from models import build_model
-from trainer.config import compose
+from configs import compose
 from trainer.host_memory import keep_freed_memory
 from trainer.metrics import read_metrics
 from trainer.optimizers import build_optimizer

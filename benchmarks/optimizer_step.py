@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from models import build_model
-from trainer.config import CONFIG_DIR, compose
+from configs import CONFIG_DIR, compose
 from trainer.optimizers import build_optimizer
 
 HERE = Path(__file__).resolve().parent

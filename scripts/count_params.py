@@ -11,7 +11,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from models import ModelConfigError, build_model, count_parameters
-from trainer.config import compose
+from configs import compose
 
 
 def main(argv: list[str]) -> int:

@@ -9,7 +9,7 @@ import sys
 from hydra.errors import HydraException
 
 import data
-from trainer.config import compose
+from configs import compose
 
 
 def main(argv: list[str]) -> int:

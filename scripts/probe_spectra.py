@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-import trainer.config  # noqa: F401  (the config resolvers)
 from data import TrainBatches, open_dataset
 from models import build_model
 from optim.orthogonalize import polar_svd

@@ -35,7 +35,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def make_cfg(tmp_path, cache_dir):
     """make_cfg(*overrides) -> the composed config of a tiny run in a fresh run dir."""
-    from trainer.config import compose
+    from configs import compose
 
     def make(*overrides: str, run_dir: Path | None = None):
         run_dir = run_dir or tmp_path / "run"

@@ -29,7 +29,7 @@ def test_bad_config_exits_with_a_message(tmp_path, cache_dir, overrides, message
 
 def test_corrupt_data_file(tmp_path, cache_dir):
     from data import dataset_dir, open_dataset
-    from trainer.config import compose
+    from configs import compose
 
     cfg = compose([f"paths.cache_dir={tmp_path / 'cache'}"])
     shard = open_dataset(cfg.data).directory / "train_000000.bin"
@@ -67,7 +67,7 @@ def test_a_large_model_on_the_default_run_is_warned_about_before_anything_runs(t
 
 
 def test_the_default_run_and_small_models_get_no_warning():
-    from trainer.config import compose
+    from configs import compose
     from trainer.setting import setting_warnings
 
     assert setting_warnings(compose([])) == []
@@ -76,7 +76,7 @@ def test_the_default_run_and_small_models_get_no_warning():
 
 
 def test_a_streamed_corpus_without_a_token_cap_is_warned_about():
-    from trainer.config import compose
+    from configs import compose
     from trainer.setting import setting_warnings
 
     warnings = setting_warnings(compose(["data=c4", "model=gpt2_tiny", "budget.tokens=1310720"]))

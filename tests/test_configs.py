@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from conftest import ROOT, run_cli
 from models import build_model
 from optim.schedules import Schedule
-from trainer.config import compose
+from configs import compose
 from trainer.loggers import build_loggers
 from trainer.optimizers import build_optimizer
 

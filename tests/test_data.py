@@ -5,7 +5,7 @@ import torch
 from data import DataError, SequenceSampler, TrainBatches, open_dataset, prepare, step_indices, validation_windows
 from data.shards import HEADER_BYTES, TokenStream, read_shard, shard_problem, write_shard
 from data.tokenizer import gpt2_tokenizer
-from trainer.config import ASSETS
+from configs import ASSETS
 
 SHAKESPEARE = {"name": "shakespeare", "kind": "text", "source": str(ASSETS / "tinyshakespeare.txt"), "val_fraction": 0.1}
 

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT
 from models import build_model
-from trainer.config import compose
+from configs import compose
 from trainer.optimizers import build_optimizer
 from trainer.errors import ConfigError
 from trainer.plan import make_plan

@@ -14,7 +14,7 @@ from data import DataError, TrainBatches, dataset_dir, open_dataset, prepare
 from data.prepare import encode_batch
 from data.shards import HEADER_BYTES
 from data.tokenizer import EOT_ID, gpt2_tokenizer
-from trainer.config import ASSETS, compose
+from configs import ASSETS, compose
 from trainer.metrics import read_metrics
 from trainer.run import run
 

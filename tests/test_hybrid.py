@@ -131,7 +131,7 @@ def test_state_dict_round_trip_and_one_scheduler_for_all_groups():
 def test_split_heads_puts_each_attention_layout_in_its_own_group():
     from omegaconf import OmegaConf
 
-    from trainer.config import compose
+    from configs import compose
 
     for family, rows in (("gpt2", 3 * 2), ("llama", 2)):
         model = build_model(OmegaConf.to_container(compose([f"model={family}_tiny"]).model))
@@ -148,7 +148,7 @@ def test_split_heads_puts_each_attention_layout_in_its_own_group():
 def test_split_heads_needs_an_orthogonalizing_matrix_optimizer():
     from omegaconf import OmegaConf
 
-    from trainer.config import compose
+    from configs import compose
 
     model = build_model(OmegaConf.to_container(compose(["model=gpt2_tiny"]).model))
     with pytest.raises(RoutingError, match="split_heads: AdamW does not orthogonalize"):

@@ -385,7 +385,7 @@ def test_python_defaults_are_the_optim_configs(name):
     run-level lr (shared with AdamW through optim.lr), is the class default."""
     import inspect
 
-    from trainer.config import compose
+    from configs import compose
 
     matrix = compose([f"optim={name}"]).optim.matrix
     cls = getattr(__import__("optim"), matrix._target_.split(".")[-1])

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from optim.distributed import gather_whole, shard_like
 from trainer.checkpoint import renumber_optimizer_state
-from trainer.config import compose
+from configs import compose
 from trainer.errors import ConfigError
 from trainer.parallel import build_strategy, check_layout, world_size_of
 from trainer.preemption import StopRequest, requeue_slurm_job, slurm_job_id

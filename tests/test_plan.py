@@ -5,7 +5,7 @@ from trainer.plan import make_plan
 
 
 def test_default_run_plan(make_cfg):
-    from trainer.config import compose
+    from configs import compose
 
     plan = make_plan(compose([]), world_size=1)
     assert (plan.seq_len, plan.micro_batch, plan.tokens_per_step, plan.accumulation) == (128, 8, 1024, 1)

@@ -12,14 +12,14 @@ from omegaconf import OmegaConf
 from conftest import ROOT
 from data import dataset_dir, prepare_unlocked
 from data.lock import lock_path, preparation_lock
-from trainer.config import compose
+from configs import compose
 
 # Opens the dataset as training does and prints its token counts.
 OPEN = """
 import sys
 from omegaconf import OmegaConf
 import data
-from trainer.config import compose
+from configs import compose
 cfg = compose([f"paths.cache_dir={sys.argv[1]}"]).data
 tokens = data.open_dataset(OmegaConf.to_container(cfg, resolve=True))
 print("opened", len(tokens.splits["train"]), len(tokens.splits["val"]), flush=True)

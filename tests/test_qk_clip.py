@@ -10,7 +10,7 @@ from models import build_model
 from models.attention import max_causal_logits
 from optim import QKClip
 from optim.qk_clip import clip_factors
-from trainer.config import compose
+from configs import compose
 
 
 def tiny(family: str, **overrides):

@@ -18,7 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from models import ModelConfigError, build_model, count_parameters
-from trainer.config import CONFIG_DIR
+from configs import CONFIG_DIR
 
 LARGE_MODEL = 60_000_000  # parameters; from here on the CPU default run's settings are not meant for the model
 
