@@ -12,10 +12,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from configs import register_resolvers
+import configs
 from trainer.errors import USER_ERRORS
 
-register_resolvers()
+configs.register()  # the resolvers and python_defaults nodes the YAML tree uses
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -63,13 +63,13 @@ def one_process(repeats: int) -> dict[str, float]:
 
     common = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
     setups = {
-        "ours fp32": lambda ps: Muon(ps, ns_dtype="float32", **common),
+        "ours fp32": lambda ps: Muon(ps, orthogonalizer={"dtype": "float32"}, **common),
         "torch fp32": lambda ps: TorchMuon(ps, **common),
-        "ours bf16": lambda ps: Muon(ps, ns_dtype="bfloat16", **common),
+        "ours bf16": lambda ps: Muon(ps, orthogonalizer={"dtype": "bfloat16"}, **common),
         "torch bf16": lambda ps: TorchMuon(ps, **common),
-        "muon2 fp32 (3 steps)": lambda ps: Muon2(ps, ns_dtype="float32"),
-        "muon_nsr fp32": lambda ps: MuonNSR(ps, ns_dtype="float32"),
-        "muon_vs fp32": lambda ps: MuonVS(ps, ns_dtype="float32"),
+        "muon2 fp32 (3 steps)": lambda ps: Muon2(ps, orthogonalizer={"dtype": "float32"}),
+        "muon_nsr fp32": lambda ps: MuonNSR(ps, orthogonalizer={"dtype": "float32"}),
+        "muon_vs fp32": lambda ps: MuonVS(ps, orthogonalizer={"dtype": "float32"}),
     }
     real_cast = torch.Tensor.bfloat16
     runs = {}
@@ -112,16 +112,16 @@ def _rank(rank: int, world: int, port: int, repeats: int, out) -> None:
 
         results = {}
         params, grads = matrices()
-        results["replicated"] = slowest(median_step(Muon(params, ns_dtype="float32"), params, grads, repeats, dist.barrier))
+        results["replicated"] = slowest(median_step(Muon(params, orthogonalizer={"dtype": "float32"}), params, grads, repeats, dist.barrier))
         params, grads = matrices()
-        split = Muon(params, ns_dtype="float32")
+        split = Muon(params, orthogonalizer={"dtype": "float32"})
         split.split_orthogonalization()
         results["split (DDP)"] = slowest(median_step(split, params, grads, repeats, dist.barrier))
         mesh = init_device_mesh("cpu", (world,))
         params, grads = matrices()
         sharded = [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in params]
         grads = [distribute_tensor(g, mesh, [Shard(0)]) for g in grads]
-        results["sharded (FSDP2)"] = slowest(median_step(Muon(sharded, ns_dtype="float32"), sharded, grads, repeats, dist.barrier))
+        results["sharded (FSDP2)"] = slowest(median_step(Muon(sharded, orthogonalizer={"dtype": "float32"}), sharded, grads, repeats, dist.barrier))
         if rank == 0:
             out.update(results)
     finally:

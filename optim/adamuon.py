@@ -4,7 +4,10 @@ A baseline of the Variance-Adaptive Muon paper."""
 
 from __future__ import annotations
 
-from optim.matrix import MatrixOptimizer, orthogonalizer_settings
+from collections.abc import Mapping
+
+from optim.matrix import MatrixOptimizer
+from optim.orthogonalize import Orthogonalizer
 from optim.stages import AddDecayedWeights, Momentum, Orthogonalize, ScaleByLearningRate, ScaleToRms, SecondMoment, Sign
 
 
@@ -25,11 +28,9 @@ class AdaMuon(MatrixOptimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False,
-                 momentum: float = 0.95, beta2: float = 0.95, eps: float = 1e-8, nesterov: bool = True, ns_steps: int = 5,
-                 ns_coefficients="kj", ns_dtype="auto", ns_eps: float = 1e-7, ns_norm: str = "clamp",
-                 orthogonalizer: str = "newton_schulz"):
-        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay, momentum=momentum,
-                        beta2=beta2, eps=eps,
-                        **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
+                 momentum: float = 0.95, beta2: float = 0.95, eps: float = 1e-8, nesterov: bool = True,
+                 orthogonalizer: Orthogonalizer | Mapping = Orthogonalizer()):
+        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay,
+                        momentum=momentum, beta2=beta2, eps=eps, orthogonalizer=orthogonalizer)
         stages = (Momentum(nesterov=nesterov), Sign(), Orthogonalize(), SecondMoment(source="update", namespace="update_moment"))
         super().__init__(params, defaults, stages, tail=(ScaleToRms(0.2), AddDecayedWeights(), ScaleByLearningRate()))

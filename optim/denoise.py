@@ -4,7 +4,10 @@ All three coincide at β = 0."""
 
 from __future__ import annotations
 
-from optim.matrix import MatrixOptimizer, orthogonalizer_settings
+from collections.abc import Mapping
+
+from optim.matrix import MatrixOptimizer
+from optim.orthogonalize import Orthogonalizer
 from optim.stages import Momentum, Orthogonalize, is_sum_form
 
 
@@ -15,16 +18,16 @@ class PrePolar(MatrixOptimizer):
 
     (``momentum_form="sum"``: B_t = β B_{t−1} + G_t, Moonlight's buffer; the same polar factor.)
     Stages: Momentum(nesterov off) → Orthogonalize. The theory uses the exact polar factor
-    (``orthogonalizer="svd"``); the default is five Keller Jordan steps, as in practice. Nesterov is
+    (``orthogonalizer={"method": "svd"}``); the default is five Keller Jordan steps, as in practice. Nesterov is
     off as in the theory; ``nesterov=True`` is the extension (then it is Muon).
     """
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False, momentum: float = 0.95,
-                 nesterov: bool = False, momentum_form: str = "ema", ns_steps: int = 5, ns_coefficients="kj",
-                 ns_dtype="auto", ns_eps: float = 1e-7, ns_norm: str = "clamp", orthogonalizer: str = "newton_schulz",
-                 adjust_lr_fn: str = "match_rms_adamw"):
-        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay, momentum=momentum, adjust_lr_fn=adjust_lr_fn,
-                        **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False,
+                 momentum: float = 0.95, nesterov: bool = False, momentum_form: str = "ema",
+                 adjust_lr_fn: str = "match_rms_adamw",
+                 orthogonalizer: Orthogonalizer | Mapping = Orthogonalizer()):
+        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay,
+                        momentum=momentum, adjust_lr_fn=adjust_lr_fn, orthogonalizer=orthogonalizer)
         super().__init__(params, defaults, (Momentum(nesterov=nesterov, sum_scale=is_sum_form(momentum_form)), Orthogonalize()))
 
 
@@ -37,11 +40,11 @@ class PostPolar(MatrixOptimizer):
     polar factors shrinks it where they disagree, which is the paper's point.
     """
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False, momentum: float = 0.95,
-                 ns_steps: int = 5, ns_coefficients="kj", ns_dtype="auto", ns_eps: float = 1e-7, ns_norm: str = "clamp",
-                 orthogonalizer: str = "newton_schulz", adjust_lr_fn: str = "match_rms_adamw"):
-        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay, momentum=momentum, adjust_lr_fn=adjust_lr_fn,
-                        **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False,
+                 momentum: float = 0.95, adjust_lr_fn: str = "match_rms_adamw",
+                 orthogonalizer: Orthogonalizer | Mapping = Orthogonalizer()):
+        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay,
+                        momentum=momentum, adjust_lr_fn=adjust_lr_fn, orthogonalizer=orthogonalizer)
         super().__init__(params, defaults, (Orthogonalize(), Momentum(nesterov=False)))
 
 
@@ -53,9 +56,9 @@ class PolarOnly(MatrixOptimizer):
     Stages: Orthogonalize. No state.
     """
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False, ns_steps: int = 5, ns_coefficients="kj",
-                 ns_dtype="auto", ns_eps: float = 1e-7, ns_norm: str = "clamp", orthogonalizer: str = "newton_schulz",
-                 adjust_lr_fn: str = "match_rms_adamw"):
-        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay, adjust_lr_fn=adjust_lr_fn,
-                        **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False,
+                 adjust_lr_fn: str = "match_rms_adamw",
+                 orthogonalizer: Orthogonalizer | Mapping = Orthogonalizer()):
+        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay,
+                        adjust_lr_fn=adjust_lr_fn, orthogonalizer=orthogonalizer)
         super().__init__(params, defaults, (Orthogonalize(),))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
-from optim.matrix import MatrixOptimizer, orthogonalizer_settings
+from optim.matrix import MatrixOptimizer
+from optim.orthogonalize import Orthogonalizer
 from optim.stages import MarsCorrection, Momentum, Orthogonalize
 
 
@@ -35,12 +38,12 @@ class MARSM(MatrixOptimizer):
     optim=mars_m_exact`` runs this two-pass loop.
     """
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False, momentum: float = 0.95,
-                 gamma: float = 0.025, exact: bool = False, clip: bool = True, ns_steps: int = 5,
-                 ns_coefficients="kj", ns_dtype="auto", ns_eps: float = 1e-7, ns_norm: str = "clamp",
-                 orthogonalizer: str = "newton_schulz", adjust_lr_fn: str = "match_rms_adamw"):
-        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay, momentum=momentum, gamma=gamma, adjust_lr_fn=adjust_lr_fn,
-                        **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False,
+                 momentum: float = 0.95, gamma: float = 0.025, exact: bool = False, clip: bool = True,
+                 adjust_lr_fn: str = "match_rms_adamw",
+                 orthogonalizer: Orthogonalizer | Mapping = Orthogonalizer()):
+        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay,
+                        momentum=momentum, gamma=gamma, adjust_lr_fn=adjust_lr_fn, orthogonalizer=orthogonalizer)
         stages = (MarsCorrection(exact=exact, clip=clip), Momentum(nesterov=False), Orthogonalize())
         super().__init__(params, defaults, stages)
         self.exact = exact

@@ -16,6 +16,7 @@ with the scale rule s(m, n) (`adjust_lr_fn`, torch.optim.Muon's name for it):
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -33,31 +34,26 @@ RANGES = {
     "beta2": (0.0, 1.0, False),
     "gamma": (0.0, math.inf, False),
     "eps": (0.0, math.inf, False),
-    "ns_eps": (0.0, math.inf, False),
 }
 
 
-def orthogonalizer_settings(orthogonalizer: str, ns_steps: int, ns_coefficients, ns_dtype, ns_eps: float,
-                            ns_norm: str) -> dict:
-    """The param-group entries the Orthogonalize stage reads."""
-    return dict(orthogonalizer=orthogonalizer, ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype,
-                ns_eps=ns_eps, ns_norm=ns_norm)
-
-
-def check_hyperparameters(name: str, settings: dict) -> None:
-    """ValueError naming the first hyperparameter outside its range (or an invalid orthogonalizer)."""
+def check_group(name: str, group: dict, orthogonalizer: Orthogonalizer) -> None:
+    """ValueError naming the first hyperparameter outside its range (or an invalid orthogonalizer).
+    The group's ``orthogonalizer`` (an Orthogonalizer, or a mapping of some of its fields, the rest
+    those of the optimizer's default `orthogonalizer`) becomes the plain dict of all its fields, which
+    the Orthogonalize stage reads and checkpoints keep."""
     for key, (low, high, high_included) in RANGES.items():
-        if key in settings:
-            value = settings[key]
+        if key in group:
+            value = group[key]
             if not (low <= value <= high if high_included else low <= value < high):
                 interval = f"[{low:g}, {high:g}{']' if high_included else ')'}"
                 raise ValueError(f"{name}: {key}={value} must be in {interval}")
-    update_scale((1, 1), settings.get("adjust_lr_fn"))
-    if "ns_steps" in settings:
-        if not isinstance(settings["ns_steps"], int) or settings["ns_steps"] < 1:
-            raise ValueError(f"{name}: ns_steps={settings['ns_steps']} must be an integer >= 1")
-        Orthogonalizer(method=settings["orthogonalizer"], steps=settings["ns_steps"], coefficients=settings["ns_coefficients"],
-                       dtype=settings["ns_dtype"], eps=settings["ns_eps"], norm=settings["ns_norm"])
+    update_scale((1, 1), group.get("adjust_lr_fn"))
+    if "orthogonalizer" in group:
+        try:
+            group["orthogonalizer"] = Orthogonalizer.of(group["orthogonalizer"], base=orthogonalizer).settings()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name}: {e}") from None
 
 
 class MatrixOptimizer(Optimizer):
@@ -68,8 +64,9 @@ class MatrixOptimizer(Optimizer):
         super().__init__(params, defaults)
         self.stages = tuple(stages) + tuple(tail)
         self.replicated_over = None
+        default = inspect.signature(type(self)).parameters.get("orthogonalizer")  # Muon²'s has 3 steps
         for group in self.param_groups:
-            check_hyperparameters(type(self).__name__, group)
+            check_group(type(self).__name__, group, default.default if default else Orthogonalizer())
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(

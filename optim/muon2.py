@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from optim.matrix import MatrixOptimizer, orthogonalizer_settings
+from collections.abc import Mapping
+
+from optim.matrix import MatrixOptimizer
+from optim.orthogonalize import Orthogonalizer
 from optim.stages import Momentum, Orthogonalize, SecondMoment, is_sum_form
 
 
@@ -27,12 +30,13 @@ class Muon2(MatrixOptimizer):
 
     factored = False
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False, momentum: float = 0.95,
-                 beta2: float = 0.95, eps: float = 1e-10, nesterov: bool = False, momentum_form: str = "sum",
-                 ns_steps: int = 3, ns_coefficients="kj", ns_dtype="auto", ns_eps: float = 1e-7, ns_norm: str = "clamp",
-                 orthogonalizer: str = "newton_schulz", adjust_lr_fn: str = "match_rms_adamw"):
-        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay, momentum=momentum, beta2=beta2, eps=eps, adjust_lr_fn=adjust_lr_fn,
-                        **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False,
+                 momentum: float = 0.95, beta2: float = 0.95, eps: float = 1e-10, nesterov: bool = False,
+                 momentum_form: str = "sum", adjust_lr_fn: str = "match_rms_adamw",
+                 orthogonalizer: Orthogonalizer | Mapping = Orthogonalizer(steps=3)):
+        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay,
+                        momentum=momentum, beta2=beta2, eps=eps, adjust_lr_fn=adjust_lr_fn,
+                        orthogonalizer=orthogonalizer)
         stages = (Momentum(nesterov=nesterov, sum_scale=is_sum_form(momentum_form)), SecondMoment(factored=self.factored), Orthogonalize())
         super().__init__(params, defaults, stages)
 

@@ -4,7 +4,10 @@ zichongli5/NorMuon, run in modded-nanogpt's speedrun with Polar Express and caut
 
 from __future__ import annotations
 
-from optim.matrix import MatrixOptimizer, orthogonalizer_settings
+from collections.abc import Mapping
+
+from optim.matrix import MatrixOptimizer
+from optim.orthogonalize import Orthogonalizer
 from optim.stages import Momentum, NeuronNormalize, Orthogonalize, is_sum_form
 
 
@@ -29,11 +32,10 @@ class NorMuon(MatrixOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False,
                  momentum: float = 0.95, beta2: float = 0.95, eps: float = 1e-10, nesterov: bool = True,
-                 momentum_form: str = "ema", ns_steps: int = 5, ns_coefficients="kj", ns_dtype="auto",
-                 ns_eps: float = 1e-7, ns_norm: str = "clamp", orthogonalizer: str = "newton_schulz",
-                 adjust_lr_fn: str = "match_rms_adamw"):
-        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay, momentum=momentum,
-                        beta2=beta2, eps=eps, adjust_lr_fn=adjust_lr_fn,
-                        **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
+                 momentum_form: str = "ema", adjust_lr_fn: str = "match_rms_adamw",
+                 orthogonalizer: Orthogonalizer | Mapping = Orthogonalizer()):
+        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay,
+                        momentum=momentum, beta2=beta2, eps=eps, adjust_lr_fn=adjust_lr_fn,
+                        orthogonalizer=orthogonalizer)
         stages = (Momentum(nesterov=nesterov, sum_scale=is_sum_form(momentum_form)), Orthogonalize(), NeuronNormalize())
         super().__init__(params, defaults, stages)

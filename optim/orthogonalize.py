@@ -25,8 +25,8 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -45,6 +45,7 @@ COEFFICIENTS: dict[str, tuple[tuple[float, float, float], ...]] = {
 CPU_STACK_ELEMENTS = 2**21  # 8 MB of fp32 per stacked Newton–Schulz call on a CPU (see Orthogonalizer.apply_all)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64, "float16": torch.float16}
 METHODS = ("newton_schulz", "svd")
+NORMS = ("clamp", "add")
 
 
 def resolve_coefficients(coefficients: str | Sequence) -> tuple[tuple[float, float, float], ...]:
@@ -85,7 +86,7 @@ def cpu_prefers_bfloat16(size: int = 512) -> bool:
     speedup = matmul_seconds(torch.float32, size) / matmul_seconds(torch.bfloat16, size)
     choice = speedup >= BF16_MARGIN
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0:
-        print(f"ns_dtype=auto: Newton–Schulz in {'bfloat16' if choice else 'float32'} on this CPU (a {size}x{size} bf16 "
+        print(f"orthogonalizer dtype=auto: Newton–Schulz in {'bfloat16' if choice else 'float32'} on this CPU (a {size}x{size} bf16 "
               f"matmul takes {1 / speedup:.2f}x the fp32 time)", flush=True)
     return choice
 
@@ -200,7 +201,7 @@ def newton_schulz(
     at least GRAM_MIN_ASPECT times as long as wide, in float32 or float64, go through the cheaper Gram
     form (the same iterates up to rounding); the others through the iterates themselves."""
     if steps < 1:
-        raise ValueError(f"ns_steps must be >= 1, got {steps}")
+        raise ValueError(f"Newton–Schulz steps must be >= 1, got {steps}")
     s, l = sorted(X.shape[-2:]) if X.ndim >= 2 else (0, 0)
     if s and l >= GRAM_MIN_ASPECT * s and resolve_dtype(dtype, X.device) in (torch.float32, torch.float64):
         Y, tall, batch_shape = _normalised_wide(X, dtype, eps, norm)
@@ -229,27 +230,53 @@ def directional_alignment(X: torch.Tensor, steps: int = 5, coefficients: str | S
 
 @dataclass(frozen=True)
 class Orthogonalizer:
-    """One configured orthogonalizer, applied to a list of matrices with one batched call per shape."""
+    """One configured orthogonalizer, applied to a list of matrices with one batched call per shape.
+    Its fields are the settings every matrix optimizer takes as one ``orthogonalizer`` argument (an
+    Orthogonalizer, or a mapping of some of its fields: ``Muon(params, orthogonalizer={"steps": 3})``;
+    in a config, the ``optim.matrix.orthogonalizer`` node)."""
 
     method: str = "newton_schulz"  # or "svd" (exact polar factor, float64)
     steps: int = 5
-    coefficients: str | Sequence = "kj"  # stored resolved, as a tuple of (a, b, c)
-    dtype: str = "auto"
-    eps: float = 1e-7
-    norm: str = "clamp"
+    coefficients: str | Sequence = "kj"  # a named set (COEFFICIENTS) or (a, b, c) triples
+    dtype: str = "auto"  # the Newton–Schulz dtype: "auto", "float32", "bfloat16", "float64"
+    eps: float = 1e-7  # the normalisation's ε
+    norm: str = "clamp"  # X / max(‖X‖_F, ε); "add": X / (‖X‖_F + ε)
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"unknown orthogonalizer {self.method!r}; valid: {list(METHODS)}")
-        object.__setattr__(self, "coefficients", resolve_coefficients(self.coefficients))
+            raise ValueError(f"unknown orthogonalizer method {self.method!r}; valid: {list(METHODS)}")
+        resolve_coefficients(self.coefficients)
         check_dtype(self.dtype)
-        if self.steps < 1:
-            raise ValueError(f"ns_steps must be >= 1, got {self.steps}")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ValueError(f"orthogonalizer steps={self.steps!r} must be an integer >= 1")
+        if not self.eps > 0:
+            raise ValueError(f"orthogonalizer eps={self.eps} must be > 0")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown orthogonalizer norm {self.norm!r}; valid: {list(NORMS)}")
+
+    @classmethod
+    def of(cls, settings: Orthogonalizer | Mapping, base: Orthogonalizer | None = None) -> Orthogonalizer:
+        """`settings` as an Orthogonalizer; a mapping names some of the fields, the rest are `base`'s."""
+        if isinstance(settings, Orthogonalizer):
+            return settings
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(settings) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown orthogonalizer setting(s) {unknown}; valid: {valid}")
+        return cls(**{**asdict(base or cls()), **settings})
+
+    def settings(self) -> dict:
+        """The fields as a plain dict (what a param group and its checkpoint hold)."""
+        return asdict(self)
+
+    @functools.cached_property
+    def triples(self) -> tuple[tuple[float, float, float], ...]:
+        return resolve_coefficients(self.coefficients)
 
     def __call__(self, X: torch.Tensor) -> torch.Tensor:
         if self.method == "svd":
             return polar_svd(X)
-        return newton_schulz(X, self.steps, self.coefficients, self.dtype, self.eps, self.norm)
+        return newton_schulz(X, self.steps, self.triples, self.dtype, self.eps, self.norm)
 
     def apply_all(self, matrices: list[torch.Tensor]) -> list[torch.Tensor]:
         """Orthogonalize each matrix; same-shaped ones go through as stacked batches. On a CPU a stack

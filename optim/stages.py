@@ -290,7 +290,7 @@ class SecondMoment(Stage):
             row_moment, col_moment = self.state(step, "row", rows), self.state(step, "col", cols)
             torch._foreach_lerp_(row_moment, rows, 1.0 - beta2)
             torch._foreach_lerp_(col_moment, cols, 1.0 - beta2)
-            denominator = [torch.outer(r, c) / r.mean() for r, c in zip(row_moment, col_moment)]
+            denominator = [factored_estimate(r, c) for r, c in zip(row_moment, col_moment)]
             torch._foreach_sqrt_(denominator)
         else:  # V ← β₂ V + (1 − β₂) Y², in place
             second = self.state(step, "v", observed)
@@ -303,6 +303,24 @@ class SecondMoment(Stage):
         return denominator
 
 
+def factored_estimate(row: Tensor, col: Tensor) -> Tensor:
+    """Adafactor's rank-1 second moment V̂ = r cᵀ / mean(r)."""
+    return torch.outer(row, col) / row.mean()
+
+
+def second_moment_preconditioned(X: Tensor, state: dict, eps: float, namespace: str = "second_moment") -> Tensor | None:
+    """X / (sqrt(V) + ε) with V the second moment SecondMoment keeps in a matrix's `state` (V̂ for the
+    factored one), in X's dtype; None if the state has none. What Newton–Schulz sees in Muon²
+    (X = the momentum, ε = the group's eps), for the spectral diagnostics."""
+    if f"{namespace}/v" in state:
+        V = state[f"{namespace}/v"]
+    elif f"{namespace}/row" in state:
+        V = factored_estimate(state[f"{namespace}/row"].to(X.dtype), state[f"{namespace}/col"].to(X.dtype))
+    else:
+        return None
+    return X / (V.to(X.dtype).sqrt() + eps)
+
+
 @dataclass(frozen=True)
 class Sign(Stage):
     """sign(X), element-wise (AdaMuon's sign stabilisation before Newton–Schulz). No state."""
@@ -313,7 +331,7 @@ class Sign(Stage):
 
 @dataclass(frozen=True)
 class Orthogonalize(Stage):
-    """X → NS_K(X) or polar(X), configured by the group's ns_* entries and `orthogonalizer`; the
+    """X → NS_K(X) or polar(X), configured by the group's ``orthogonalizer`` settings; the
     result is returned in X's dtype. A group with ``head_split = (h, 0)`` orthogonalizes each of the
     h row blocks of its matrices on its own (the heads of a q, k, v or fused qkv projection), with
     ``(h, 1)`` each of h column blocks (an attention output projection's heads). Under FSDP2 (and
@@ -328,10 +346,7 @@ class Orthogonalize(Stage):
 
 
 def orthogonalizer_of(group: dict) -> Orthogonalizer:
-    return Orthogonalizer(
-        method=group["orthogonalizer"], steps=group["ns_steps"], coefficients=group["ns_coefficients"],
-        dtype=group["ns_dtype"], eps=group["ns_eps"], norm=group["ns_norm"],
-    )
+    return Orthogonalizer(**group["orthogonalizer"])
 
 
 def per_head(orthogonalize, blocks: int, dim: int):

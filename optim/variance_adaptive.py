@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from optim.matrix import MatrixOptimizer, orthogonalizer_settings
+from collections.abc import Mapping
+
+from optim.matrix import MatrixOptimizer
+from optim.orthogonalize import Orthogonalizer
 from optim.stages import GradientVariance, Momentum, NoiseToSignal, Orthogonalize
 
 
@@ -43,12 +46,13 @@ class MuonNSR(MatrixOptimizer):
     of Γ (without it the division maps O to ≈ sign(O) or ≈ 0).
     """
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False, momentum: float = 0.95,
-                 gamma: float = 10.0, eps: float = 1e-8, reshuffled: bool = False, ns_steps: int = 5,
-                 ns_coefficients="kj", ns_dtype="auto", ns_eps: float = 1e-7, ns_norm: str = "clamp",
-                 orthogonalizer: str = "newton_schulz", adjust_lr_fn: str = "match_rms_adamw"):
-        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay, momentum=momentum, gamma=gamma, eps=eps, adjust_lr_fn=adjust_lr_fn,
-                        **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False,
+                 momentum: float = 0.95, gamma: float = 10.0, eps: float = 1e-8, reshuffled: bool = False,
+                 adjust_lr_fn: str = "match_rms_adamw",
+                 orthogonalizer: Orthogonalizer | Mapping = Orthogonalizer()):
+        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay,
+                        momentum=momentum, gamma=gamma, eps=eps, adjust_lr_fn=adjust_lr_fn,
+                        orthogonalizer=orthogonalizer)
         super().__init__(params, defaults, _variance_adaptive_stages("nsr", reshuffled))
 
 
@@ -66,9 +70,9 @@ class MuonVS(MatrixOptimizer):
     the resulting 1/β, but not for NSR).
     """
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False, momentum: float = 0.95,
-                 eps: float = 1e-8, ns_steps: int = 5, ns_coefficients="kj", ns_dtype="auto", ns_eps: float = 1e-7,
-                 ns_norm: str = "clamp", orthogonalizer: str = "newton_schulz", adjust_lr_fn: str = "match_rms_adamw"):
-        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay, momentum=momentum, eps=eps, adjust_lr_fn=adjust_lr_fn,
-                        **orthogonalizer_settings(orthogonalizer, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_norm))
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False,
+                 momentum: float = 0.95, eps: float = 1e-8, adjust_lr_fn: str = "match_rms_adamw",
+                 orthogonalizer: Orthogonalizer | Mapping = Orthogonalizer()):
+        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay,
+                        momentum=momentum, eps=eps, adjust_lr_fn=adjust_lr_fn, orthogonalizer=orthogonalizer)
         super().__init__(params, defaults, _variance_adaptive_stages("vs"))

@@ -17,10 +17,10 @@ PARITY = ["model=gpt2_tiny", "data.seq_len=64", "data.micro_batch=8", "data.batc
 STRATEGIES = {"single": ["trainer.strategy=auto", "trainer.devices=1"],
               "ddp": ["trainer.strategy=ddp", "trainer.devices=2"],
               "fsdp": ["trainer.strategy=fsdp", "trainer.devices=2"]}
-# fp32 Newton–Schulz wherever it runs (ns_dtype=auto picks bf16 on CPUs with fast bf16 matmuls, whose rounding
+# fp32 Newton–Schulz wherever it runs (orthogonalizer.dtype=auto picks bf16 on CPUs with fast bf16 matmuls, whose rounding
 # would depend on how the matrices are batched, not on the strategy)
 CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true"]
-FP32_NS = "optim.matrix.ns_dtype=float32"  # (Dion has no Newton–Schulz)
+FP32_NS = "optim.matrix.orthogonalizer.dtype=float32"  # (Dion has no Newton–Schulz)
 
 
 def train(run_dir, *overrides, cache_dir) -> list[dict]:

@@ -1,5 +1,7 @@
 """Every paper setting composes, validates and builds, with each optimizer's pinned hyperparameters."""
 
+import functools
+
 import pytest
 import torch
 import yaml
@@ -62,18 +64,33 @@ def test_streamed_corpora_prepare_what_the_budget_needs(experiment):
         assert cfg.data.name == "openwebtext" and cfg.data.max_tokens is None
 
 
+def leaves(tree: dict, prefix: tuple = ()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from leaves(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
 @pytest.mark.parametrize("experiment,optim", TUNED)
 def test_setting_composes_validates_and_builds(experiment, optim):
+    """Each tuning file builds, reaches the run, and writes only what differs from the config without it (its
+    experiment, the optim file, the Python defaults): no second home for a value. Its lr is the tuned number,
+    kept even where it equals the optim file's."""
     cfg = compose([f"experiment={experiment}", f"optim={optim}"])
     for world_size in (1,) if experiment == "cpu_repro" else (8, 1):  # the papers' runs use 8 GPUs: the batch must divide
         make_plan(cfg, world_size=world_size)
     with torch.device("meta"):
         model = build_model(OmegaConf.to_container(cfg.model, resolve=True))
     optimizer = build_optimizer(model, cfg.optim)
-    expected = pinned(experiment, optim)["optim"]
-    assert optimizer.param_groups[0]["lr"] == expected["lr"] == cfg.optim.lr
-    for key, value in expected.get("matrix", {}).items():
-        assert cfg.optim.matrix[key] == value, key
+    written = pinned(experiment, optim)["optim"]
+    assert optimizer.param_groups[0]["lr"] == written["lr"] == cfg.optim.lr
+    untuned = OmegaConf.to_container(compose([f"experiment={experiment}", f"optim={optim}", "~tuning@_global_"]).optim, resolve=True)
+    tuned = OmegaConf.to_container(cfg.optim, resolve=True)
+    for path, value in leaves(written):
+        if path != ("lr",):
+            at = lambda tree: functools.reduce(lambda node, key: node[key], path, tree)  # noqa: E731
+            assert at(tuned) == value != at(untuned), ".".join(path)
 
 
 def test_paper_numbers_reach_the_run():
@@ -83,7 +100,7 @@ def test_paper_numbers_reach_the_run():
     nsr = compose(["experiment=vam_llama_130m_c4", "optim=muon_nsr"])
     assert nsr.optim.matrix.gamma == 1000.0 and make_plan(nsr, 1).total_steps == 5_000
     muon2 = compose(["experiment=muon2_llama_60m_c4", "optim=muon2"])
-    assert muon2.optim.matrix.ns_steps == 3 and compose(["experiment=muon2_llama_60m_c4", "optim=muon"]).optim.matrix.ns_steps == 5
+    assert muon2.optim.matrix.orthogonalizer.steps == 3 and compose(["experiment=muon2_llama_60m_c4", "optim=muon"]).optim.matrix.orthogonalizer.steps == 5
     assert make_plan(muon2, 1).total_steps == 10_000
     pre = compose(["experiment=denoise_gpt2_small_owt", "optim=pre_polar"])
     assert pre.optim.matrix.nesterov is False and pre.model.n_layer == 12
@@ -159,7 +176,7 @@ def test_galore_recipe_as_torchrun_main_runs_it(size):
 
 def test_muon2_on_a_gpt_model_and_the_reshuffled_ablation():
     gpt = compose(["experiment=muon2_gpt2_small_owt", "optim=muon2"])
-    assert gpt.model.family == "gpt2" and gpt.optim.matrix.ns_steps == 3
+    assert gpt.model.family == "gpt2" and gpt.optim.matrix.orthogonalizer.steps == 3
     reshuffled = compose(["experiment=vam_gpt2_small_owt", "optim=muon_nsr_reshuffled"])
     assert reshuffled.optim.matrix.reshuffled is True and reshuffled.optim.matrix.gamma == 10.0
 

@@ -21,7 +21,7 @@ def roles(m):
 
 
 def make_hybrid(m, lr=0.01):
-    return hybrid_optimizer(m, matrix=functools.partial(Muon, lr=lr, ns_dtype="float64"),
+    return hybrid_optimizer(m, matrix=functools.partial(Muon, lr=lr, orthogonalizer={"dtype": "float64"}),
                             aux=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.1))
 
 
@@ -94,7 +94,7 @@ def test_container_step_equals_stepping_the_parts():
     groups = {r.role: [] for r in route_parameters(m2)}
     for r in route_parameters(m2):
         groups[r.role].append(r.param)
-    muon = Muon(groups["matrix"], lr=0.01, ns_dtype="float64")
+    muon = Muon(groups["matrix"], lr=0.01, orthogonalizer={"dtype": "float64"})
     adamw = torch.optim.AdamW([{"params": groups["embedding"]}, {"params": groups["vector"], "weight_decay": 0.0}], lr=0.01, weight_decay=0.1)
     for seed in range(3):
         step(m1, hybrid, seed)

@@ -93,7 +93,7 @@ def test_cautious_weight_decay_equations():
 
 def test_cautious_weight_decay_skips_coordinates_the_update_moves_away_from_zero():
     W = torch.nn.Parameter(torch.tensor([[1.0, -1.0], [1.0, -1.0]], dtype=torch.float64))
-    opt = Muon([W], lr=0.1, weight_decay=0.5, momentum=0.0, nesterov=False, cautious_weight_decay=True, adjust_lr_fn="original", orthogonalizer="svd")
+    opt = Muon([W], lr=0.1, weight_decay=0.5, momentum=0.0, nesterov=False, cautious_weight_decay=True, adjust_lr_fn="original", orthogonalizer={"method": "svd"})
     W.grad = torch.tensor([[1.0, 1.0], [-1.0, -1.0]], dtype=torch.float64) + torch.diag(torch.tensor([1e-3, 2e-3], dtype=torch.float64))
     before = W.detach().clone()
     D = polar_svd(W.grad)

@@ -5,11 +5,13 @@ hyperparameter errors."""
 import copy
 import math
 
+import hydra
 import pytest
 import torch
+import yaml
 
 from conftest import ROOT
-from optim import MARSM, AdaMuon, Dion, Muon, Muon2, Muon2F, MuonNSR, MuonVS, NorMuon, PolarOnly, PostPolar, PrePolar
+from optim import MARSM, AdaMuon, Dion, Muon, Muon2, Muon2F, MuonNSR, MuonVS, NorMuon, Orthogonalizer, PolarOnly, PostPolar, PrePolar
 from optim.orthogonalize import newton_schulz, polar_svd
 
 SHAPES = [(24, 12), (12, 24), (16, 16)]  # tall, wide, square
@@ -153,7 +155,7 @@ def transcribe_polar_only():
     return Ws, {}
 
 
-SVD = dict(orthogonalizer="svd", lr=LR, weight_decay=WD)
+SVD = dict(orthogonalizer={"method": "svd"}, lr=LR, weight_decay=WD)
 
 
 @pytest.mark.parametrize("nesterov", [True, False])
@@ -194,7 +196,7 @@ def test_muon2_equations(cls, factored):
 
 def test_muon2_with_the_ports_ema_momentum():
     """B = M/(1 − β) is a scalar, so only Newton–Schulz's normalisation ε tells the forms apart: a large one here."""
-    ns = dict(lr=LR, weight_decay=WD, momentum=BETA, beta2=0.9, eps=1e-10, ns_dtype="float64", ns_norm="add", ns_eps=3.0)
+    ns = dict(lr=LR, weight_decay=WD, momentum=BETA, beta2=0.9, eps=1e-10, orthogonalizer=dict(dtype="float64", norm="add", eps=3.0))
     orthogonalize = lambda X: newton_schulz(X, 3, "kj", torch.float64, 3.0, "add")  # noqa: E731
     ema = run_optimizer(lambda ps: Muon2(ps, momentum_form="ema", **ns))
     check(*ema, *transcribe_muon2(False, 0.9, 1e-10, form="ema", orthogonalize=orthogonalize))
@@ -218,7 +220,7 @@ def transcribe_moonlight(nesterov, ns_eps):
 @pytest.mark.parametrize("cls,nesterov", [(Muon, True), (Muon, False), (PrePolar, False)])
 def test_sum_momentum_form_is_moonlights_buffer(cls, nesterov):
     """With a large normalisation ε the two forms differ (only ε sees the factor 1/(1 − β) between them)."""
-    ns = dict(lr=LR, weight_decay=WD, momentum=BETA, nesterov=nesterov, ns_dtype="float64", ns_norm="add", ns_eps=3.0)
+    ns = dict(lr=LR, weight_decay=WD, momentum=BETA, nesterov=nesterov, orthogonalizer=dict(dtype="float64", norm="add", eps=3.0))
     check(*run_optimizer(lambda ps: cls(ps, momentum_form="sum", **ns)), *transcribe_moonlight(nesterov, 3.0))
     ema, _ = run_optimizer(lambda ps: cls(ps, **ns))
     summed, _ = run_optimizer(lambda ps: cls(ps, momentum_form="sum", **ns))
@@ -376,42 +378,59 @@ def test_state_dict_round_trip_continues_identically(name):
 
 
 MATRIX_CONFIGS = sorted(p.stem for p in (ROOT / "configs" / "optim").glob("*.yaml")
-                        if "_target_: optim." in p.read_text())  # the files that name a class (not the variants of one)
+                        if p.stem not in ("adamw", "muon_torch"))  # muonlab's matrix optimizers
+
+
+def own_matrix_settings(name: str) -> dict:
+    """The `matrix:` entries an optim file and the optim files it extends write themselves."""
+    data = yaml.safe_load((ROOT / "configs" / "optim" / f"{name}.yaml").read_text())
+    parents = [d for d in data.get("defaults", []) if isinstance(d, str) and d != "_self_"]
+    settings = {}
+    for parent in parents:
+        settings.update(own_matrix_settings(parent))
+    return {**settings, **(data.get("matrix") or {})}
 
 
 @pytest.mark.parametrize("name", MATRIX_CONFIGS)
-def test_python_defaults_are_the_optim_configs(name):
-    """`optim.Muon2(params)` is the optimizer `optim=muon2` runs: every hyperparameter its config sets, except the
-    run-level lr (shared with AdamW through optim.lr), is the class default."""
-    import inspect
-
+def test_optim_configs_run_the_python_defaults_and_write_only_their_departures(name):
+    """optim=<name> builds its class with the Python defaults except where its file (or the file it extends)
+    writes a value, and every value it writes differs from the default (no second home for a default)."""
     from configs import compose
 
     matrix = compose([f"optim={name}"]).optim.matrix
-    cls = getattr(__import__("optim"), matrix._target_.split(".")[-1])
-    defaults = {k: v.default for k, v in inspect.signature(cls).parameters.items() if k != "params"}
-    for key, value in matrix.items():
-        if key not in ("_target_", "lr"):
-            assert defaults[key] == (list(value) if hasattr(value, "__len__") and not isinstance(value, str) else value), key
+    p = [torch.nn.Parameter(torch.zeros(4, 4))]
+    built = hydra.utils.instantiate(matrix, _partial_=True, _convert_="all")(p).param_groups[0]
+    reference = hydra.utils.get_class(matrix._target_)(p).param_groups[0]
+    own = own_matrix_settings(name)
+    own.pop("_target_", None)
+    assert {"lr", "weight_decay"}.isdisjoint(own)  # shared with AdamW through optim.lr / optim.weight_decay
+    for key in set(reference) - {"params", "lr"}:
+        if key in own:
+            assert built[key] == own[key] != reference[key], key
+        else:
+            assert built[key] == reference[key], key
+    assert built["lr"] == compose([f"optim={name}"]).optim.lr
 
 
 @pytest.mark.parametrize("cls", [MARSM, Muon, Muon2, Muon2F, MuonNSR, MuonVS, PolarOnly, PostPolar, PrePolar, NorMuon, AdaMuon])
-def test_one_name_for_the_newton_schulz_epsilon(cls):
+def test_the_orthogonalizer_settings_are_one_argument(cls):
     import inspect
 
     parameters = inspect.signature(cls).parameters
-    assert parameters["ns_eps"].default == 1e-7
+    assert not [name for name in parameters if name.startswith("ns_")]
+    assert parameters["orthogonalizer"].default == Orthogonalizer(steps=3 if cls in (Muon2, Muon2F) else 5)
     assert ("eps" in parameters) == (cls in (Muon2, Muon2F, MuonNSR, MuonVS, NorMuon, AdaMuon))  # the preconditioner's own
 
 
 def test_defaults_follow_the_released_code():
     p = [torch.nn.Parameter(torch.zeros(4, 4))]
-    mars = MARSM(p).defaults
-    assert (mars["gamma"], mars["momentum"], mars["adjust_lr_fn"], mars["ns_steps"]) == (0.025, 0.95, "match_rms_adamw", 5)
-    nsr = MuonNSR(p).defaults
+    mars = MARSM(p).param_groups[0]
+    assert (mars["gamma"], mars["momentum"], mars["adjust_lr_fn"], mars["orthogonalizer"]["steps"]) == (0.025, 0.95, "match_rms_adamw", 5)
+    nsr = MuonNSR(p).param_groups[0]
     assert (nsr["gamma"], nsr["eps"], nsr["adjust_lr_fn"]) == (10.0, 1e-8, "match_rms_adamw")
-    assert Muon2(p).defaults["ns_steps"] == 3 and Muon(p).defaults["ns_steps"] == 5
-    assert Muon2(p).defaults["beta2"] == 0.95 and Muon2F(p).defaults["ns_steps"] == 3
+    steps = {cls.__name__: cls(p).param_groups[0]["orthogonalizer"]["steps"] for cls in (Muon, Muon2, Muon2F)}
+    assert steps == {"Muon": 5, "Muon2": 3, "Muon2F": 3}
+    assert Muon2(p).param_groups[0]["beta2"] == 0.95
 
 
 def test_exact_mars_m_without_a_lookahead_gradient_says_what_is_missing():
@@ -429,9 +448,13 @@ def test_exact_mars_m_without_a_lookahead_gradient_says_what_is_missing():
     (lambda p: Muon2(p, beta2=1.5), r"Muon2: beta2=1.5 must be in \[0, 1\)"),
     (lambda p: MARSM(p, gamma=-0.1), r"MARSM: gamma=-0.1 must be in \[0, inf\)"),
     (lambda p: MuonVS(p, eps=-1e-8), r"MuonVS: eps=-1e-08 must be in \[0, inf\)"),
-    (lambda p: PrePolar(p, ns_steps=0), r"PrePolar: ns_steps=0 must be an integer >= 1"),
-    (lambda p: PostPolar(p, ns_coefficients="fast"), r"unknown Newton–Schulz coefficient set 'fast'; valid: \['convergent', 'kj', 'polar_express'\]"),
-    (lambda p: PolarOnly(p, orthogonalizer="qr"), r"unknown orthogonalizer 'qr'; valid: \['newton_schulz', 'svd'\]"),
+    (lambda p: PrePolar(p, orthogonalizer={"steps": 0}), r"PrePolar: orthogonalizer steps=0 must be an integer >= 1"),
+    (lambda p: PostPolar(p, orthogonalizer={"coefficients": "fast"}),
+     r"PostPolar: unknown Newton–Schulz coefficient set 'fast'; valid: \['convergent', 'kj', 'polar_express'\]"),
+    (lambda p: PolarOnly(p, orthogonalizer={"method": "qr"}), r"PolarOnly: unknown orthogonalizer method 'qr'; valid: \['newton_schulz', 'svd'\]"),
+    (lambda p: Muon(p, orthogonalizer={"step": 3}),
+     r"Muon: unknown orthogonalizer setting\(s\) \['step'\]; valid: \['method', 'steps', 'coefficients', 'dtype', 'eps', 'norm'\]"),
+    (lambda p: MuonNSR(p, orthogonalizer={"norm": "max"}), r"MuonNSR: unknown orthogonalizer norm 'max'; valid: \['clamp', 'add'\]"),
     (lambda p: Muon2F(p, adjust_lr_fn="unit"), r"unknown adjust_lr_fn 'unit'"),
 ])
 def test_invalid_hyperparameters_name_the_parameter(make, message):

@@ -101,11 +101,21 @@ def test_norm_conventions_differ_only_by_eps():
 def test_bad_settings_name_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown Newton–Schulz coefficient set 'kjj'; valid: \['convergent', 'kj', 'polar_express'\]"):
         Orthogonalizer(coefficients="kjj")
-    with pytest.raises(ValueError, match="unknown orthogonalizer 'qr'"):
+    with pytest.raises(ValueError, match="unknown orthogonalizer method 'qr'"):
         Orthogonalizer(method="qr")
     with pytest.raises(ValueError, match="unknown compute dtype 'fp8'"):
         Orthogonalizer(dtype="fp8")
-    assert Orthogonalizer(coefficients=(1.5, -0.5, 0.0)).coefficients == ((1.5, -0.5, 0.0),)
+    with pytest.raises(ValueError, match=r"orthogonalizer steps=2.5 must be an integer >= 1"):
+        Orthogonalizer(steps=2.5)
+    assert Orthogonalizer(coefficients=(1.5, -0.5, 0.0)).triples == ((1.5, -0.5, 0.0),)
+
+
+def test_a_mapping_of_settings_keeps_the_rest_of_its_base():
+    base = Orthogonalizer(steps=3, eps=1e-5)
+    assert Orthogonalizer.of({"dtype": "float64"}, base=base) == Orthogonalizer(steps=3, eps=1e-5, dtype="float64")
+    assert Orthogonalizer.of({"steps": 7}) == Orthogonalizer(steps=7)
+    assert Orthogonalizer.of(base) is base
+    assert Orthogonalizer.of(base.settings()) == base  # what a param group and its checkpoint hold
     assert len(COEFFICIENTS["polar_express"]) == 5
 
 
@@ -147,6 +157,6 @@ def test_auto_dtype_on_a_cpu_is_bf16_only_where_its_matmul_is_clearly_faster(mon
     try:
         assert orth.resolve_dtype("auto", torch.device("cpu")) == getattr(torch, choice)
         assert orth.resolve_dtype("auto", torch.device("cpu")) == getattr(torch, choice)
-        assert capsys.readouterr().out.count(f"ns_dtype=auto: Newton–Schulz in {choice} on this CPU") == 1  # said once
+        assert capsys.readouterr().out.count(f"orthogonalizer dtype=auto: Newton–Schulz in {choice} on this CPU") == 1  # said once
     finally:
         orth.cpu_prefers_bfloat16.cache_clear()

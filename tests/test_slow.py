@@ -15,7 +15,7 @@ def test_default_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert len(rows) == 292 and rows[-1]["tokens"] == 299_008
-    # the README's default-run numbers: 4.6135 with fp32 Newton–Schulz, 4.6259 with bf16 (ns_dtype=auto's choice on
+    # the README's default-run numbers: 4.6135 with fp32 Newton–Schulz, 4.6259 with bf16 (orthogonalizer.dtype=auto's choice on
     # CPUs with fast bf16 matmuls; AdamW: 5.435); rounding differs between CPUs, so a neighbourhood, not the digits
     assert rows[-1]["val_loss"] == pytest.approx(4.62, abs=0.03)
     assert f"run dir: {tmp_path / 'run'}" in result.stdout and "final val loss" in result.stdout

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from optim.orthogonalize import polar_svd
+from optim.orthogonalize import Orthogonalizer, polar_svd
 from optim.stages import GradientVariance, MarsCorrection, Momentum, NoiseToSignal, Orthogonalize, SecondMoment, Step
 
 BETA = 0.8
 
 
 def step_of(grads, states, t, **group):
-    group = {"momentum": BETA, "gamma": 0.5, "eps": 1e-3, "beta2": 0.9, "orthogonalizer": "svd", "ns_steps": 5,
-             "ns_coefficients": "kj", "ns_dtype": "float64", "ns_eps": 1e-7, "ns_norm": "clamp", **group}
+    group = {"momentum": BETA, "gamma": 0.5, "eps": 1e-3, "beta2": 0.9, "orthogonalizer": Orthogonalizer("svd").settings(),
+             **group}
     return Step(group=group, params=[torch.zeros_like(g) for g in grads], grads=grads, states=states, counts=[t] * len(grads))
 
 
