@@ -51,7 +51,9 @@ def test_option_composes_and_builds(group, option, tmp_path):
         loggers = build_loggers(cfg, tmp_path)
         assert len(loggers) == (0 if option == "csv" else 1)
     elif group == "callbacks":
-        assert all(isinstance(hydra.utils.instantiate(c), object) for c in node.values())
+        built = {name: type(hydra.utils.instantiate(c)).__name__ for name, c in node.items()}
+        assert built == {"default": {"progress": "TokenProgressBar"}, "none": {},
+                         "diagnostics": {"progress": "TokenProgressBar", "diagnostics": "SpectralDiagnostics"}}[option]
     elif group == "data":
         assert node.seq_len >= 1 and node.batch_tokens % node.seq_len == 0
         assert Path(node.source).is_file() if node.kind == "text" else node.hf_path
