@@ -16,7 +16,6 @@ What the YAML refers to:
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -56,12 +55,10 @@ def python_defaults(target: str) -> dict:
     from hydra.utils import get_class
 
     from optim import Orthogonalizer
+    from optim.matrix import constructor_defaults
 
     node = {"_target_": target}
-    for name, parameter in inspect.signature(get_class(target)).parameters.items():
-        if parameter.default is inspect.Parameter.empty:
-            continue
-        value = parameter.default
+    for name, value in constructor_defaults(get_class(target)).items():
         if isinstance(value, Orthogonalizer):
             value = value.settings()
         node[name] = list(value) if isinstance(value, tuple) else value

@@ -8,27 +8,24 @@ from collections.abc import Mapping
 
 from optim.matrix import MatrixOptimizer
 from optim.orthogonalize import Orthogonalizer
-from optim.stages import Momentum, Orthogonalize, is_sum_form
+from optim.muon import Muon
+from optim.stages import Momentum, Orthogonalize
 
 
-class PrePolar(MatrixOptimizer):
+class PrePolar(Muon):
     r"""Denoise, then orthogonalize (Muon without Nesterov, the paper's recommended order):
 
         M_t = β M_{t−1} + (1 − β) G_t,    W_t = W_{t−1} (1 − η λ) − η s(m, n) polar(M_t)
 
     (``momentum_form="sum"``: B_t = β B_{t−1} + G_t, Moonlight's buffer; the same polar factor.)
     Stages: Momentum(nesterov off) → Orthogonalize. The theory uses the exact polar factor
-    (``orthogonalizer={"method": "svd"}``); the default is five Keller Jordan steps, as in practice. Nesterov is
-    off as in the theory; ``nesterov=True`` is the extension (then it is Muon).
+    (``orthogonalizer={"method": "svd"}``); the default is five Keller Jordan steps, as in practice.
+    Nesterov is off as in the theory; ``nesterov=True`` is the extension (then it is Muon). Every
+    other argument is Muon's.
     """
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False,
-                 momentum: float = 0.95, nesterov: bool = False, momentum_form: str = "ema",
-                 adjust_lr_fn: str = "match_rms_adamw",
-                 orthogonalizer: Orthogonalizer | Mapping = Orthogonalizer()):
-        defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay,
-                        momentum=momentum, adjust_lr_fn=adjust_lr_fn, orthogonalizer=orthogonalizer)
-        super().__init__(params, defaults, (Momentum(nesterov=nesterov, sum_scale=is_sum_form(momentum_form)), Orthogonalize()))
+    def __init__(self, params, nesterov: bool = False, **muon_arguments):
+        super().__init__(params, nesterov=nesterov, **muon_arguments)
 
 
 class PostPolar(MatrixOptimizer):

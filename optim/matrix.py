@@ -56,6 +56,18 @@ def check_group(name: str, group: dict, orthogonalizer: Orthogonalizer) -> None:
             raise ValueError(f"{name}: {e}") from None
 
 
+def constructor_defaults(cls: type) -> dict:
+    """Every keyword default of `cls`'s constructor, following ``**kwargs`` to the parent's (PrePolar
+    is Muon with another default for nesterov)."""
+    defaults = {}
+    for klass in cls.__mro__:
+        parameters = inspect.signature(klass.__init__).parameters.values()
+        defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty} | defaults
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return defaults
+    return defaults
+
+
 class MatrixOptimizer(Optimizer):
     """A torch.optim.Optimizer over 2-D matrices that runs `stages`, then `tail` (the scale rule, the
     weight decay and the lr: UPDATE_TAIL), on each group's gradients and adds the result to W."""
@@ -64,9 +76,9 @@ class MatrixOptimizer(Optimizer):
         super().__init__(params, defaults)
         self.stages = tuple(stages) + tuple(tail)
         self.replicated_over = None
-        default = inspect.signature(type(self)).parameters.get("orthogonalizer")  # Muon²'s has 3 steps
+        orthogonalizer = constructor_defaults(type(self)).get("orthogonalizer")  # Muon²'s has 3 steps
         for group in self.param_groups:
-            check_group(type(self).__name__, group, default.default if default else Orthogonalizer())
+            check_group(type(self).__name__, group, orthogonalizer)
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(
