@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from data import TrainBatches, open_dataset, prepare
+from data import TrainBatches, open_dataset, prepare_dataset
 from data.tokenizer import gpt2_tokenizer
 from configs import ASSETS, compose
 
@@ -57,7 +57,7 @@ def main() -> None:
         cfg = compose(["data=c4", f"data.data_files={work / 'c4'}", f"paths.cache_dir={work / f'cache{procs}'}",
                        f"data.num_proc={procs}"]).data
         start = time.perf_counter()
-        prepare(cfg)
+        prepare_dataset(cfg)
         prepared[procs] = n_tokens / (time.perf_counter() - start)
 
     stream = open_dataset(cfg).splits["train"]

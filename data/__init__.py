@@ -4,62 +4,25 @@
     tokens = open_dataset({"name": "shakespeare", "kind": "text", "source": ..., "val_fraction": 0.1,
                            "cache_dir": ".cache"})
     tokens.splits["train"], tokens.splits["val"]    # TokenStreams
+
+Each name below is imported from its submodule on first use, so importing one submodule costs only
+that module's own imports: `data.files` (trainer/metrics.py, the analysis scripts) pulls no torch,
+numpy or tiktoken.
 """
 
-from __future__ import annotations
+import importlib
 
-from collections.abc import Mapping
-from pathlib import Path
-
-from data.batches import TrainBatches, validation_windows
-from data.sampler import SequenceSampler, step_indices
-from data.shards import DataError, TokenSet, TokenStream, open_token_set, read_meta
-from data.hf import hf_dataset_dir, prepare_hf
-from data.lock import preparation_lock
-from data.text import check_source, prepare_text_file, text_dataset_dir
-from data.tokenizer import EOT_ID, N_VOCAB, gpt2_tokenizer
-
-KINDS = ("text", "hf")
+_SUBMODULE = {  # public name -> the submodule that defines it
+    "DataError": "shards", "TokenSet": "shards", "TokenStream": "shards",
+    "SequenceSampler": "sampler", "step_indices": "sampler",
+    "TrainBatches": "batches", "validation_windows": "batches",
+    "EOT_ID": "tokenizer", "N_VOCAB": "tokenizer", "gpt2_tokenizer": "tokenizer",
+    "dataset_dir": "dataset", "open_dataset": "dataset", "prepare_dataset": "dataset",
+}
+__all__ = sorted(_SUBMODULE)
 
 
-def _check_kind(cfg: Mapping) -> None:
-    if cfg["kind"] not in KINDS:
-        raise DataError(f"data.kind={cfg['kind']!r} is not one of {list(KINDS)}")
-
-
-def dataset_dir(cfg: Mapping) -> Path:
-    """The directory that holds (or will hold) this data config's token shards."""
-    _check_kind(cfg)
-    if cfg["kind"] == "hf":
-        return hf_dataset_dir(cfg)
-    return text_dataset_dir(Path(cfg["cache_dir"]), cfg["name"], check_source(Path(cfg["source"])), cfg["val_fraction"])
-
-
-def prepare(cfg: Mapping) -> Path:
-    """Tokenize the source into shards: a complete result is reused, a partial or corrupt one rewritten.
-    One process at a time (data/lock.py): one that waited for another reuses the other's result."""
-    with preparation_lock(dataset_dir(cfg)):
-        return prepare_unlocked(cfg)
-
-
-def prepare_unlocked(cfg: Mapping) -> Path:
-    """prepare() without the lock, for a caller that holds it."""
-    _check_kind(cfg)
-    if cfg["kind"] == "hf":
-        return prepare_hf(cfg)
-    return prepare_text_file(Path(cfg["source"]), dataset_dir(cfg), cfg["name"], cfg["val_fraction"])
-
-
-def open_dataset(cfg: Mapping) -> TokenSet:
-    """The prepared token set, preparing it on first use (under the lock, so once however many processes
-    open it); a corrupt one is an error, not rewritten behind the user's back (`scripts/prepare_data.py`
-    rewrites it)."""
-    directory = dataset_dir(cfg)
-    if read_meta(directory) is None:
-        prepare(cfg)
-    hint = f"Rewrite it with `python scripts/prepare_data.py data={cfg['name']}`, or delete {directory}."
-    return open_token_set(directory, hint)
-
-
-__all__ = ["DataError", "EOT_ID", "N_VOCAB", "SequenceSampler", "TokenSet", "TokenStream", "TrainBatches",
-           "dataset_dir", "gpt2_tokenizer", "open_dataset", "prepare", "step_indices", "validation_windows"]
+def __getattr__(name: str):
+    if name not in _SUBMODULE:
+        raise AttributeError(f"module 'data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"data.{_SUBMODULE[name]}"), name)

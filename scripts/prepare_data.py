@@ -15,7 +15,7 @@ from configs import compose
 def main(argv: list[str]) -> int:
     try:
         cfg = compose(argv)
-        directory = data.prepare(cfg.data)
+        directory = data.prepare_dataset(cfg.data)
         tokens = data.open_dataset(cfg.data)
     except (HydraException, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)

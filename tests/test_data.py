@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import DataError, SequenceSampler, TrainBatches, open_dataset, prepare, step_indices, validation_windows
+from data import DataError, SequenceSampler, TrainBatches, open_dataset, prepare_dataset, step_indices, validation_windows
 from data.shards import HEADER_BYTES, TokenStream, read_shard, shard_problem, write_shard
 from data.tokenizer import gpt2_tokenizer
 from configs import ASSETS
@@ -61,7 +61,7 @@ def test_shakespeare_is_tokenized_once_with_a_fixed_split(shakespeare):
     assert (tokens.directory / "train_000000.bin").stat().st_mtime_ns == mtime
 
 
-def test_corrupt_cache_is_an_error_for_training_and_rewritten_by_prepare(shakespeare, tmp_path):
+def test_corrupt_cache_is_an_error_for_training_and_rewritten_by_prepare_dataset(shakespeare, tmp_path):
     cfg = {**shakespeare, "cache_dir": str(tmp_path)}
     directory = open_dataset(cfg).directory
     with open(directory / "val_000000.bin", "r+b") as f:
@@ -69,7 +69,7 @@ def test_corrupt_cache_is_an_error_for_training_and_rewritten_by_prepare(shakesp
     with pytest.raises(DataError, match=r"val_000000.bin is corrupt: its header says 33803 tokens but it holds 5\. "
                                         r"Rewrite it with `python scripts/prepare_data.py data=shakespeare`"):
         open_dataset(cfg)
-    prepare(cfg)
+    prepare_dataset(cfg)
     assert len(open_dataset(cfg).splits["val"]) == 33_803
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from data import DataError, TrainBatches, dataset_dir, open_dataset, prepare
+from data import DataError, TrainBatches, dataset_dir, open_dataset, prepare_dataset
 from data.prepare import encode_batch
 from data.shards import HEADER_BYTES
 from data.tokenizer import EOT_ID, gpt2_tokenizer
@@ -90,16 +90,16 @@ def test_c4_prepare_writes_shards_and_sidecar(c4):
 
 def test_prepare_is_idempotent_and_rewrites_a_truncated_shard(c4):
     cfg, _ = c4
-    directory = prepare(cfg)
+    directory = prepare_dataset(cfg)
     n_train = len(open_dataset(cfg).splits["train"])
     shard = directory / "train_000000.bin"
     mtime = shard.stat().st_mtime_ns
-    assert prepare(cfg) == directory and shard.stat().st_mtime_ns == mtime  # complete: reused
+    assert prepare_dataset(cfg) == directory and shard.stat().st_mtime_ns == mtime  # complete: reused
     with open(shard, "r+b") as f:
         f.truncate(HEADER_BYTES + 1000)
     with pytest.raises(DataError, match=r"train_000000.bin is corrupt: its header says 50000 tokens but it holds 500\. Rewrite it"):
         open_dataset(cfg)
-    prepare(cfg)
+    prepare_dataset(cfg)
     assert len(open_dataset(cfg).splits["train"]) == n_train
 
 
@@ -172,12 +172,12 @@ def test_hub_load_without_network_fails_fast_with_the_local_command(tmp_path, mo
     with pytest.raises(DataError, match=r"cannot load allenai/c4 from the Hugging Face hub \(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set\)\. "
                                         r"Prepare it from local files in the hub's layout instead: python scripts/prepare_data.py data=c4 "
                                         r"data.data_files=<path, glob or directory> \(C4's layout: en/c4-train"):
-        prepare(cfg)
+        prepare_dataset(cfg)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # an unresolvable host, as on a machine without network
     with pytest.raises(DataError, match=r"cannot load allenai/c4 from the Hugging Face hub \(https://hub.invalid unreachable"):
-        prepare(cfg)
+        prepare_dataset(cfg)
 
 
 def test_local_files_that_do_not_match_the_layout_are_named(tmp_path):
@@ -229,10 +229,10 @@ def test_fineweb_edu_head_longer_than_the_stream_is_an_error(tmp_path):
     write_fineweb_edu(tmp_path / "fw", n_files=1, docs_per_file=3)
     with pytest.raises(DataError, match=r"fineweb_edu: the train stream holds only [\d,]+ tokens, all of them taken by "
                                         r"data.val_head_tokens=100000; lower data.val_head_tokens"):
-        prepare(fineweb_cfg(tmp_path, "data.val_head_tokens=100000"))
+        prepare_dataset(fineweb_cfg(tmp_path, "data.val_head_tokens=100000"))
     with pytest.raises(DataError, match=r"data.val_head_tokens=300 makes the validation split \(the first 300 tokens of the train "
                                         r"stream\): set data.val_fraction=null and data.val_max_tokens=null"):
-        prepare(fineweb_cfg(tmp_path, "data.val_fraction=0.1"))
+        prepare_dataset(fineweb_cfg(tmp_path, "data.val_fraction=0.1"))
 
 
 def test_fineweb_edu_config_is_llm_cs_split_of_sample_100bt():

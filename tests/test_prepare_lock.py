@@ -10,7 +10,7 @@ import time
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from data import dataset_dir, prepare_unlocked
+from data.dataset import dataset_dir, prepare_dataset_unlocked
 from data.lock import lock_path, preparation_lock
 from configs import compose
 
@@ -55,7 +55,7 @@ def test_a_process_waits_for_the_lock_holder_and_reuses_its_result(tmp_path):
         time.sleep(1.0)  # it stays blocked while the lock is held
         assert process.poll() is None, output(log)
         assert f"waiting for another process to finish preparing {directory} (lock {lock_path(directory)})" in output(log)
-        prepare_unlocked(cfg)
+        prepare_dataset_unlocked(cfg)
         mtimes = {p.name: p.stat().st_mtime_ns for p in directory.glob("*.bin")}
     assert process.wait(timeout=120) == 0, output(log)
     out = output(log)
