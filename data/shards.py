@@ -7,19 +7,21 @@ A prepared dataset is a directory:
     train_000000.bin ...      shards: a 64-byte header (magic b"MUONTOK\\0", format version, bytes per
     val_000000.bin ...        token, token count), then the tokens as little-endian uint16
 
-Every file is written atomically (temporary file + rename), so a killed preparation leaves either a
-complete shard or none. `open_token_set` checks each shard against its header and the sidecar.
+Every file is written atomically (data/files.py: temporary file, fsync, rename), so a killed
+preparation leaves either a complete shard or none. `open_token_set` checks each shard against its
+header and the sidecar.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from data.files import atomic_file
 
 MAGIC = b"MUONTOK\0"
 FORMAT_VERSION = 1
@@ -33,32 +35,14 @@ class DataError(RuntimeError):
     """A missing, partial or corrupt data file; the message names the file and the fix."""
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call write(f) on a temporary sibling of path, fsync, then rename it over path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_shard(path: Path, tokens: np.ndarray) -> None:
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(DTYPE).max):
         raise ValueError("token ids must fit in uint16")
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, DTYPE.itemsize, tokens.size).ljust(HEADER_BYTES, b"\0")
-
-    def write(f):
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(header)
         f.write(tokens.astype(DTYPE, copy=False).tobytes())
-
-    atomic_write_bytes(path, write)
 
 
 def shard_problem(path: Path, expected_tokens: int | None = None) -> str | None:
@@ -89,7 +73,8 @@ def read_shard(path: Path) -> np.memmap:
 
 
 def write_meta(directory: Path, meta: dict) -> None:
-    atomic_write_bytes(Path(directory) / META_FILE, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    with atomic_file(Path(directory) / META_FILE) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2))
 
 
 def read_meta(directory: Path) -> dict | None:

@@ -1,11 +1,13 @@
 """scripts/speedup_table.py on synthetic metrics.csv sets with known answers, and on a real multirun."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from conftest import TINY, load_script, run_cli
+from conftest import ROOT, TINY, load_script, run_cli
 
 table = load_script("speedup_table")
 
@@ -120,6 +122,25 @@ def test_bad_input_messages(tmp_path, setup, args, message):
     result = run_cli("scripts/speedup_table.py", str(tmp_path), *args)
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# Which heavy modules importing the script, then running it, leaves loaded.
+IMPORTS = """
+import runpy, sys
+table = runpy.run_path("scripts/speedup_table.py")
+heavy = lambda: " ".join(sorted({"torch", "tiktoken", "numpy", "matplotlib"} & set(sys.modules)))
+print("imported:", heavy())
+table["main"]([sys.argv[1], "--out", sys.argv[2]])
+print("ran:", heavy())
+"""
+
+
+def test_reading_metrics_needs_no_torch_or_tiktoken_and_plotting_loads_matplotlib_only_when_it_runs(tmp_path):
+    fake_run(tmp_path, "a", "muon", curve(4.0))
+    result = subprocess.run([sys.executable, "-c", IMPORTS, str(tmp_path), str(tmp_path / "t")], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "imported: \n" in result.stdout and "ran: matplotlib numpy\n" in result.stdout
 
 
 def test_groups_are_reported_separately(tmp_path):

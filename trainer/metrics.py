@@ -14,7 +14,7 @@ import csv
 import math
 from pathlib import Path
 
-from data.shards import atomic_write_bytes
+from data.files import atomic_file
 
 LEADING = ("tokens", "step", "train_loss", "val_loss")
 
@@ -53,7 +53,8 @@ class MetricsCSV:
 
     def _rewrite(self) -> None:
         text = ",".join(self.columns) + "\n" + "".join(self._line(r) for r in self.rows)
-        atomic_write_bytes(self.path, lambda f: f.write(text.encode()))
+        with atomic_file(self.path) as tmp:
+            tmp.write_text(text)
 
     def log(self, row: dict) -> None:
         self.rows.append(row)
