@@ -11,11 +11,11 @@ moment leaves the previous complete checkpoint in place.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from data.files import atomic_file
 from trainer.errors import CheckpointError
 
 FORMAT = 1
@@ -29,14 +29,10 @@ def last_checkpoint_path(run_dir: Path) -> Path:
 
 
 def save_atomic(trainer, path: Path) -> None:
-    """trainer.save_checkpoint to a temporary file, fsync, rename over `path` (all ranks call this)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    trainer.save_checkpoint(tmp, weights_only=False)
-    if trainer.is_global_zero:
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    """trainer.save_checkpoint to a temporary file that rank 0 fsyncs and renames over `path`
+    (data/files.py); all ranks call this and return once the new checkpoint is in place."""
+    with atomic_file(path, rename=trainer.is_global_zero) as tmp:
+        trainer.save_checkpoint(tmp, weights_only=False)
     trainer.strategy.barrier()
 
 
