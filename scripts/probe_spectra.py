@@ -35,8 +35,9 @@ from models import build_model
 from optim.orthogonalize import polar_svd
 from optim.schedules import Schedule
 from optim.spectral import directional_alignment, principal_angles, signal_alignment
+from optim.stages import second_moment_preconditioned
 from trainer.checkpoint import read_checkpoint_meta
-from trainer.diagnostics import default_layers, preconditioned_input
+from trainer.diagnostics import default_layers
 from trainer.errors import CheckpointError
 from trainer.optimizers import build_optimizer
 from trainer.plan import make_plan
@@ -98,7 +99,7 @@ def stationary(probe: Probe, grads: int, rank: int, ns_steps: int) -> tuple[list
         V = torch.zeros_like(signal)
         for G in stream:
             M, V = 0.95 * M + 0.05 * G, 0.95 * V + 0.05 * G**2
-        muon2_input = preconditioned_input({"second_moment/v": V}, M, eps=1e-8)
+        muon2_input = second_moment_preconditioned(M, {"second_moment/v": V}, eps=1e-10)  # Muon²'s default ε
         for k, (raw, pre) in enumerate(zip(directional_alignment(M, ns_steps),
                                            directional_alignment(muon2_input, ns_steps)), start=1):
             ns_rows.append({"layer": name, "k": k, "raw_momentum": raw, "muon2_input": pre})

@@ -25,6 +25,7 @@ import torch
 
 from optim.distributed import gather_whole
 from optim.spectral import cross_alignment, directional_alignment, filtering_ratio, principal_angles, spectral_gap
+from optim.stages import second_moment_preconditioned
 
 
 def default_layers(model: torch.nn.Module) -> list[str]:
@@ -38,23 +39,13 @@ def default_layers(model: torch.nn.Module) -> list[str]:
     return names
 
 
-def preconditioned_input(state: dict, momentum: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """Muon²'s M/(sqrt(V)+ε) from the optimizer state (Adam or factored second moment), if it has one."""
-    if "second_moment/v" in state:
-        V = state["second_moment/v"].double()
-    elif "second_moment/row" in state:
-        rows, cols = state["second_moment/row"].double(), state["second_moment/col"].double()
-        V = torch.outer(rows, cols) / rows.mean()
-    else:
-        return None
-    return momentum / (V.sqrt() + eps)
-
-
 def layer_diagnostics(G: torch.Tensor, M: torch.Tensor, state: dict, previous_M: torch.Tensor | None,
-                      rank: int, ns_steps: int, eps: float = 1e-8) -> dict[str, float]:
+                      rank: int, ns_steps: int, eps: float | None = None) -> dict[str, float]:
+    """The columns of one matrix. `state` holds its second moment if the optimizer keeps one (Muon²),
+    and `eps` is then its group's ε: M/(sqrt(V)+ε) is what Newton–Schulz sees."""
     G, M = G.double(), M.double()
     out = {f"da{k}": v for k, v in enumerate(directional_alignment(M, steps=ns_steps), start=1)}
-    pre = preconditioned_input(state, M, eps)
+    pre = second_moment_preconditioned(M, state, eps)
     if pre is not None:
         out.update({f"da{k}_pre": v for k, v in enumerate(directional_alignment(pre, steps=ns_steps), start=1)})
         out["cross"] = cross_alignment(pre, M, steps=ns_steps)
@@ -91,6 +82,7 @@ class SpectralDiagnostics(L.Callback):
         if unknown:
             raise ValueError(f"callbacks.diagnostics.layers: no parameter {unknown}; e.g. {list(params)[:4]}")
         optimizer = trainer.optimizers[0]
+        group_of = {id(q): g for g in optimizer.param_groups for q in g["params"]}
         columns = {}
         for name in names:
             p = params[name]
@@ -103,9 +95,10 @@ class SpectralDiagnostics(L.Callback):
                 continue
             local_state = dict(zip(moments, whole))
             short = name.removesuffix(".weight")
-            values = layer_diagnostics(G, M, local_state, self._previous.get(name), self.rank, self.ns_steps)
+            values = layer_diagnostics(G, M, local_state, self._previous.get(name), self.rank, self.ns_steps,
+                                       eps=group_of[id(p)].get("eps"))
             self._previous[name] = M.double().clone()
             columns.update({f"diag/{short}/{k}": v for k, v in values.items()})
         if trainer.is_global_zero:
             columns["diag/cost_s"] = time.perf_counter() - started
-            pl_module.pending_metrics.update(columns)
+            pl_module.step_metrics.add(columns)
