@@ -113,7 +113,7 @@ def test_plain_tensors_pass_through_the_fsdp_helpers():
 
 
 def test_batch_counters_follow_the_micro_batches_per_step_of_the_resuming_run():
-    from trainer.module import align_batch_counters
+    from trainer.checkpoint import align_batch_counters
 
     # saved by 2 ranks after step 7 (1 micro-batch per step), inside the step's last batch
     progress = {"total": {"ready": 7, "started": 7, "processed": 7, "completed": 6}, "is_last_batch": False}

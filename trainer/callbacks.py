@@ -45,7 +45,7 @@ class TokenProgressBar(ProgressBar):
                              bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} tokens [{elapsed}<{remaining}] {postfix}")
 
     def _show(self, pl_module, final: bool = False) -> None:
-        row = pl_module.last_row
+        row = pl_module.step_metrics.last_row
         if row is None or row is self._shown:
             return
         if "val_loss" in row:

@@ -44,6 +44,28 @@ def renumber_optimizer_state(state: dict, new_id: dict[int, int]) -> dict:
             "param_groups": [{**g, "params": [new_id[k] for k in g["params"]]} for g in state["param_groups"]]}
 
 
+def number_by_position(checkpoint: dict, module: torch.nn.Module, optimizers: list) -> None:
+    """Renumber the checkpoint's optimizer states by each parameter's position in `module` (as
+    FSDP2 numbers them already), so a checkpoint of any strategy loads under any other."""
+    position = {id(p): i for i, p in enumerate(module.parameters())}
+    checkpoint["optimizer_states"] = [
+        renumber_optimizer_state(state, {i: position[id(p)] for i, p in enumerate(p for g in opt.param_groups for p in g["params"])})
+        for state, opt in zip(checkpoint["optimizer_states"], optimizers)
+    ]
+
+
+def align_batch_counters(progress: dict, step: int, batches_per_step: int) -> None:
+    """Lightning counts micro-batches and decides where a step ends from that count. A run resumed
+    on another world size has another number of micro-batches per step: shift the counters by
+    what the steps done would have taken here, so the next step again starts at a step boundary."""
+    if step == 0:
+        return
+    saved_per_step = progress["total"]["processed"] // step
+    for counters in (progress["total"], progress["current"]):
+        for key in counters:
+            counters[key] += step * (batches_per_step - saved_per_step)
+
+
 def _flatten(tree, prefix: str = "") -> dict:
     if isinstance(tree, dict):
         out = {}

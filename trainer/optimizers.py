@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hydra
+import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
@@ -24,6 +25,16 @@ def build_optimizer(model, optim_cfg: DictConfig) -> HybridOptimizer:
         return hybrid_optimizer(model, matrix=matrix, aux=aux, split_heads=bool(optim_cfg.split_heads))
     except (TypeError, ValueError) as e:  # bad hyperparameters (and RoutingError) surface when the optimizer is built
         raise ConfigError(f"optim={optim_cfg.name}: {e}") from None
+
+
+def needs_lookahead(optim_cfg: DictConfig) -> bool:
+    """Whether the matrix optimizer takes a look-ahead gradient, a second forward/backward per step
+    (exact MARS-M): asked of the optimizer itself, built on one dummy matrix."""
+    try:
+        matrix = _factory(optim_cfg, "matrix")([torch.nn.Parameter(torch.zeros(2, 2))])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"optim={optim_cfg.name}: {e}") from None
+    return bool(getattr(matrix, "needs_lookahead", False))
 
 
 def print_routing(model, optimizer: HybridOptimizer, name: str) -> None:

@@ -1,9 +1,11 @@
-"""The run plan: every count the loop needs, derived from the config in tokens, and the one place
-that validates the config (all problems are reported together)."""
+"""The run plan: every count and setting the loop needs, derived from the config in tokens, and the
+one place that validates the config (all problems are reported together). The LightningModule
+reads its settings here, never from the config."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -11,6 +13,7 @@ from data import N_VOCAB
 from models import ModelConfigError, build_config, config_problems
 from optim.schedules import Schedule
 from trainer.errors import ConfigError
+from trainer.optimizers import needs_lookahead
 from trainer.setting import setting_problems
 
 
@@ -25,11 +28,28 @@ class RunPlan:
     eval_every_tokens: int
     ckpt_every_tokens: int
     eval_tokens: int  # size of the fixed validation set
-    gradient_evals_per_step: int = 1  # 2 for exact MARS-M: the current batch and the next one
+    eval_micro_batch: int  # validation sequences per device per forward
+    lookahead: bool  # the optimizer takes a look-ahead gradient (exact MARS-M): a two-pass step
+    schedule: Schedule
+    grad_clip: float | None  # global-norm clipping threshold; None: no clipping
+    qk_clip_threshold: float | None  # MuonClip; None: off
+    optim_name: str
+    precision: str  # trainer.precision
+    peak_flops: float | None  # per device, for the mfu column; None: measured
+    compile: bool
+    data_seed: int
+    num_workers: int
+    run_dir: Path
+    config: dict = field(repr=False, compare=False)  # the resolved config, saved in each checkpoint
 
     @property
-    def two_pass(self) -> bool:
-        return self.gradient_evals_per_step == 2
+    def gradient_evals_per_step(self) -> int:
+        """Forward/backward passes per optimizer step: the step's batch, and the next one for a look-ahead."""
+        return 2 if self.lookahead else 1
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision.startswith("bf16")
 
     @property
     def seqs_per_step(self) -> int:
@@ -43,6 +63,11 @@ class RunPlan:
     def tokens_at(self, step: int) -> int:
         """Tokens seen after `step` optimizer steps."""
         return step * self.tokens_per_step
+
+    def lr_factor(self, step: int) -> float:
+        """The lr multiplier of optimizer step `step` + 1 (LambdaLR counts from 0): the schedule at
+        the tokens seen at its end."""
+        return self.schedule.factor(self.tokens_at(step + 1), self.budget_tokens)
 
     def _crossed(self, every: int, step: int) -> bool:
         return self.tokens_at(step) // every > self.tokens_at(step - 1) // every
@@ -100,13 +125,15 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
             problems.append(f"{name}={value} must be >= 1")
     if int(cfg.eval.tokens) < seq_len + 1:
         problems.append(f"eval.tokens={cfg.eval.tokens} must hold at least one sequence of data.seq_len + 1 = {seq_len + 1} tokens")
+    schedule = lookahead = None
     try:
-        Schedule(**OmegaConf.to_container(cfg.schedule, resolve=True))
+        schedule = Schedule(**OmegaConf.to_container(cfg.schedule, resolve=True))
     except (ValueError, TypeError) as e:
         problems.append(str(e))
-    evals = OmegaConf.select(cfg, "optim.gradient_evals_per_step", default=1)
-    if evals not in (1, 2):
-        problems.append(f"optim.gradient_evals_per_step={evals} must be 1, or 2 for an optimizer with a look-ahead gradient")
+    try:
+        lookahead = needs_lookahead(cfg.optim)
+    except ConfigError as e:
+        problems.append(str(e))
     problems += setting_problems(cfg)
     if cfg.grad_clip is not None and float(cfg.grad_clip) <= 0:
         problems.append(f"grad_clip={cfg.grad_clip} must be > 0 (or null for no clipping)")
@@ -122,5 +149,17 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
         eval_every_tokens=int(cfg.eval.every_tokens),
         ckpt_every_tokens=int(cfg.checkpoint.every_tokens),
         eval_tokens=int(cfg.eval.tokens),
-        gradient_evals_per_step=evals,
+        eval_micro_batch=int(cfg.eval.micro_batch),
+        lookahead=lookahead,
+        schedule=schedule,
+        grad_clip=None if cfg.grad_clip is None else float(cfg.grad_clip),
+        qk_clip_threshold=cfg.optim.qk_clip_threshold,
+        optim_name=str(cfg.optim.name),
+        precision=str(cfg.trainer.precision),
+        peak_flops=cfg.trainer.peak_flops,
+        compile=bool(cfg.compile),
+        data_seed=int(cfg.data.seed),
+        num_workers=int(cfg.data.num_workers),
+        run_dir=Path(cfg.run_dir),
+        config=OmegaConf.to_container(cfg, resolve=True),
     )

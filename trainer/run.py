@@ -18,11 +18,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from data import open_dataset, validation_windows
+from models import build_model
 from trainer.checkpoint import last_checkpoint_path, verify_checkpoint
 from trainer.host_memory import keep_freed_memory
 from trainer.loggers import build_loggers
 from trainer.metrics import read_metrics
 from trainer.module import LanguageModel
+from trainer.optimizers import build_optimizer
 from trainer.parallel import build_strategy, check_layout, cluster_plugins, world_size_of
 from trainer.plan import make_plan
 from trainer.setting import setting_warnings
@@ -70,9 +72,8 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
         say(f"note: eval.tokens={plan.eval_tokens:,} but the validation split holds {len(tokens.splits['val']):,} "
             f"tokens; evaluating on all of them")
 
-    config = OmegaConf.to_container(cfg, resolve=True)
     checkpoint = last_checkpoint_path(run_dir)
-    resume = verify_checkpoint(checkpoint, config) if cfg.resume and checkpoint.is_file() else None
+    resume = verify_checkpoint(checkpoint, plan.config) if cfg.resume and checkpoint.is_file() else None
     if resume and resume["step"] >= plan.total_steps:
         say(f"{run_dir} already finished ({resume['tokens']:,} tokens); nothing to train")
         return report(read_metrics(run_dir / "metrics.csv")[-1], run_dir, started, resume)
@@ -80,7 +81,10 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
         say(f"resuming {run_dir} from step {resume['step']} ({resume['tokens']:,} tokens)")
 
     L.seed_everything(int(cfg.seed), verbose=False)
-    module = LanguageModel(cfg, plan, tokens.splits["train"], val, resume_step=resume["step"] if resume else None)
+    model = build_model(OmegaConf.to_container(cfg.model, resolve=True))
+    model.activation_checkpointing = bool(cfg.activation_checkpointing)
+    module = LanguageModel(plan, model, functools.partial(build_optimizer, optim_cfg=cfg.optim), tokens.splits["train"], val,
+                           resume_step=resume["step"] if resume else None)
     chosen = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values()] + list(callbacks)
     quiet_lightning()
     trainer = L.Trainer(
@@ -92,7 +96,7 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
         precision=cfg.trainer.precision,
         max_steps=plan.total_steps,
         max_epochs=-1,
-        accumulate_grad_batches=1 if plan.two_pass else plan.accumulation,  # two-pass steps accumulate by hand
+        accumulate_grad_batches=1 if plan.lookahead else plan.accumulation,  # two-pass steps accumulate by hand
         limit_val_batches=0,
         num_sanity_val_steps=0,
         enable_checkpointing=False,
@@ -104,7 +108,7 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
         default_root_dir=str(run_dir),
     )
     trainer.fit(module, ckpt_path=str(checkpoint) if resume else None)
-    return report(module.last_row, run_dir, started, resume, stopped_by=module.stopped_by)
+    return report(module.step_metrics.last_row, run_dir, started, resume, stopped_by=module.stopped_by)
 
 
 def report(final_row: dict, run_dir: Path, started: float, resume: dict | None, stopped_by: int | None = None) -> RunResult:
