@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from data import TrainBatches, open_dataset, prepare_dataset
+from data.files import atomic_file
 from data.tokenizer import gpt2_tokenizer
 from configs import ASSETS, compose
 
@@ -94,7 +95,8 @@ def main() -> None:
         "",
     ]
     text = "\n".join(lines)
-    (HERE / "data_prep.md").write_text(text)
+    with atomic_file(HERE / "data_prep.md") as tmp:
+        tmp.write_text(text)
     print(text)
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from data.files import atomic_file
 from trainer.metrics import read_metrics
 
 
@@ -322,7 +323,8 @@ def plot(groups: dict, out: Path) -> None:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=columns)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=120, bbox_inches="tight")
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
 def main(argv: list[str]) -> int:
@@ -358,9 +360,9 @@ def main(argv: list[str]) -> int:
             f"- {r.path}: step {r.rows[-1]['step'] if r.rows else 0} of {r.total_steps}" for r in unfinished)
     print(text)
     out = args.out or args.dirs[0] / "speedup_table"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text + "\n")
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
+    with atomic_file(out.with_suffix(".md")) as tmp:
+        tmp.write_text(text + "\n")
+    with atomic_file(out.with_suffix(".csv")) as tmp, open(tmp, "w", newline="") as f:
         rows = [{"model": m, "data": d, **row} for (m, d), (_, group_rows) in groups.items() for row in group_rows]
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

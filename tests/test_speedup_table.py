@@ -82,6 +82,7 @@ def test_speedups_seeds_and_a_target_never_reached(tmp_path):
     assert (tmp_path / "out.md").read_text().strip() == result.stdout.strip()
     assert (tmp_path / "out.csv").read_text().splitlines()[0].startswith("model,data,optim,budget,n,final_loss")
     assert (tmp_path / "out.png").stat().st_size > 10_000
+    assert not list(tmp_path.glob(".*.tmp"))  # each output written whole through data/files.py
 
 
 def test_d_eff_over_baseline_budgets(tmp_path):
