@@ -80,7 +80,8 @@ class LanguageModel(L.LightningModule):
         self.qk_clip = QKClip(self.model, threshold) if threshold is not None else None  # MuonClip
         if self.global_rank == 0:
             print_routing(self.model, optimizer, self.plan.optim_name)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.plan.lr_factor)
+        plan = self.plan  # a plain function: LambdaLR checkpoints the state of any other callable
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: plan.lr_factor(step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- the step ----------------------------------------------------------------------------
