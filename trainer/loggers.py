@@ -14,14 +14,16 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from data.files import atomic_file
+
 
 def wandb_run_id(run_dir: Path) -> str:
     path = Path(run_dir) / "wandb_id.txt"
     if path.is_file():
         return path.read_text().strip()
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(run_id + "\n")
+    with atomic_file(path) as tmp:  # a run killed here leaves no empty id for its resume to read
+        tmp.write_text(run_id + "\n")
     return run_id
 
 
