@@ -16,6 +16,7 @@ What the YAML refers to:
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -28,8 +29,9 @@ ASSETS = ROOT / "data" / "assets"
 TORCH_OPTIMIZERS = ("torch.optim.AdamW", "torch.optim.Muon")  # the aux part and the reference Muon
 
 
+@functools.cache
 def register() -> None:
-    """Register the resolvers and the python_defaults nodes (idempotent)."""
+    """Register the resolvers and the python_defaults nodes, once per process (every compose() asks)."""
     from hydra.core.config_store import ConfigStore
 
     OmegaConf.register_new_resolver("muonlab_root", lambda: str(ROOT), replace=True)
