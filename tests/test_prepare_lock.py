@@ -1,16 +1,21 @@
 """Preparation is exclusive (data/lock.py): of several processes opening a missing dataset, one
 tokenizes and the others wait for it, then reuse its result. Real processes, on Shakespeare."""
 
+import errno
+import fcntl
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from omegaconf import OmegaConf
 
 from conftest import ROOT
 from data.dataset import dataset_dir, prepare_dataset_unlocked
+from data import lock
 from data.lock import lock_path, preparation_lock
 from configs import compose
 
@@ -72,3 +77,46 @@ def test_two_processes_started_together_tokenize_once(tmp_path):
     assert sum(out.count(TOKENIZED) for out in outs) == 2  # one process wrote train and val, the other none
     assert sum(TOKENIZED in out for out in outs) == 1
     assert all("opened 304223 33803" in out for out in outs)
+
+
+def flock_unsupported(*args):
+    raise OSError(errno.ENOSYS, "Function not implemented")  # Lustre mounted without -o flock
+
+
+def test_without_flock_an_owner_file_excludes_and_is_removed_on_release(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fcntl, "flock", flock_unsupported)
+    monkeypatch.setattr(lock, "POLL_S", 0.05)
+    directory = tmp_path / "dataset"
+    owner = lock_path(directory).with_name(lock_path(directory).name + ".owner")
+    order = []
+
+    def second():
+        with preparation_lock(directory):
+            order.append("second")
+
+    with preparation_lock(directory):
+        assert owner.read_text() == f"{socket.gethostname()} {os.getpid()}\n"
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        time.sleep(0.5)
+        assert order == [] and waiter.is_alive()  # blocked while the owner file exists
+        order.append("first")
+    waiter.join(timeout=10)
+    assert order == ["first", "second"] and not owner.exists()
+    out = capsys.readouterr().out
+    assert out.count("waiting for another process") == 1
+    assert f"flock is unsupported here, so if that process is gone, delete {owner}" in out
+
+
+def test_without_flock_the_owner_file_of_a_dead_process_is_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(fcntl, "flock", flock_unsupported)
+    directory = tmp_path / "dataset"
+    owner = lock_path(directory).with_name(lock_path(directory).name + ".owner")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owner.parent.mkdir(parents=True, exist_ok=True)
+    owner.write_text(f"{socket.gethostname()} {dead.stdout.strip()}\n")  # left by a killed holder
+    started = time.time()
+    with preparation_lock(directory):
+        assert owner.read_text() == f"{socket.gethostname()} {os.getpid()}\n"
+    assert time.time() - started < 30  # a wait limit: taken over at once, not after a timeout
+    assert not owner.exists()
