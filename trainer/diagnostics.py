@@ -1,6 +1,6 @@
 """`callbacks=diagnostics`: spectral diagnostics of the running optimizer, as metrics.csv columns.
 
-Every `every_tokens` tokens, for each monitored matrix W (default: the first attention and the
+Every `every_steps` optimizer steps, for each monitored matrix W (default: the first attention and the
 first MLP matrix of the first, middle and last block) with raw gradient G and the optimizer's
 momentum buffer M (optim/spectral.py has the definitions):
 
@@ -58,8 +58,10 @@ def layer_diagnostics(G: torch.Tensor, M: torch.Tensor, state: dict, previous_M:
 
 
 class SpectralDiagnostics(L.Callback):
-    def __init__(self, every_tokens: int = 40960, rank: int = 4, ns_steps: int = 5, layers: list[str] | None = None):
-        self.every_tokens, self.rank, self.ns_steps, self.layers = every_tokens, rank, ns_steps, layers
+    def __init__(self, every_steps: int = 40, rank: int = 4, ns_steps: int = 5, layers: list[str] | None = None):
+        if not (isinstance(every_steps, int) and every_steps >= 1):
+            raise ValueError(f"callbacks.diagnostics.every_steps={every_steps!r} must be an integer >= 1")
+        self.every_steps, self.rank, self.ns_steps, self.layers = every_steps, rank, ns_steps, layers
         self._previous: dict[str, torch.Tensor] = {}
         self._last_step = -1
 
@@ -71,8 +73,7 @@ class SpectralDiagnostics(L.Callback):
         if step == self._last_step:
             return
         self._last_step = step
-        plan = pl_module.plan
-        if plan.tokens_at(step) // self.every_tokens == plan.tokens_at(step - 1) // self.every_tokens:
+        if step % self.every_steps:
             return
         started = time.perf_counter()
         model = pl_module.model
