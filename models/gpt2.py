@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from models.attention import QKLogitTracking, causal_attention, row_heads
 from models.blocks import run_blocks
+from models.loss import chunked_cross_entropy
 from models.rope import apply_rope, rope_tables
 
 
@@ -136,10 +137,14 @@ class GPT2(nn.Module):
         H = self.config.n_head
         return {p: split for block in self.blocks for p, split in ((block.attn.qkv.weight, (3 * H, 0)), (block.attn.proj.weight, (H, 1)))}
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits (batch, seq, vocab) of the next token at each position; with `targets`, their
+        mean cross-entropy instead, computed without ever holding all the logits (models/loss.py)."""
         x = self.wte(idx)
         rope = (self.rope_cos, self.rope_sin) if self.wpe is None else None
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         x = run_blocks(self.blocks, self.drop(x), rope, checkpointed=self.activation_checkpointing and self.training)
-        return self.lm_head(self.ln_f(x))
+        if targets is None:
+            return self.lm_head(self.ln_f(x))
+        return chunked_cross_entropy(self.ln_f(x), self.lm_head, targets)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from models.attention import QKLogitTracking, causal_attention, row_heads
 from models.blocks import run_blocks
+from models.loss import chunked_cross_entropy
 from models.rope import apply_rope, rope_tables
 
 
@@ -121,7 +122,11 @@ class Llama(nn.Module):
         return {p: (H, 1 if p is block.attn.o_proj.weight else 0) for block in self.blocks
                 for p in (block.attn.q_proj.weight, block.attn.k_proj.weight, block.attn.v_proj.weight, block.attn.o_proj.weight)}
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits (batch, seq, vocab) of the next token at each position; with `targets`, their
+        mean cross-entropy instead, computed without ever holding all the logits (models/loss.py)."""
         x = run_blocks(self.blocks, self.embed_tokens(idx), self.rope_cos, self.rope_sin,
                        checkpointed=self.activation_checkpointing and self.training)
-        return self.lm_head(self.norm(x))
+        if targets is None:
+            return self.lm_head(self.norm(x))
+        return chunked_cross_entropy(self.norm(x), self.lm_head, targets)
