@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 import configs
 from trainer.errors import USER_ERRORS
+from trainer.plan import run_dir_problem
 
 configs.register()  # the resolvers and python_defaults nodes the YAML tree uses
 
@@ -41,5 +42,15 @@ def main(cfg: DictConfig) -> float:
     return result.val_loss
 
 
+def refuse_a_file_as_run_dir(argv: list[str]) -> None:
+    """Hydra makes the run dir before main() runs, so a run_dir that is a file would fail inside Hydra."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key in ("run_dir", "hydra.run.dir") and (problem := run_dir_problem(value)):
+            print(f"error: invalid configuration:\n  - {problem}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+
 if __name__ == "__main__":
+    refuse_a_file_as_run_dir(sys.argv[1:])
     main()

@@ -2,6 +2,7 @@
 what was wrong and what would be valid, no traceback."""
 
 import pytest
+import torch
 
 from conftest import TINY, run_cli
 
@@ -25,6 +26,27 @@ def assert_clean_error(result, message):
 ])
 def test_bad_config_exits_with_a_message(tmp_path, cache_dir, overrides, message):
     assert_clean_error(train(tmp_path, cache_dir, *overrides), message)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the messages for a machine without CUDA")
+@pytest.mark.parametrize("overrides,message", [
+    (["trainer=gpu"], "trainer.accelerator=gpu needs a CUDA GPU, but torch"),
+    (["trainer=ddp", "trainer.devices=2"], "use trainer.accelerator=cpu trainer.precision=32-true to run trainer.strategy=ddp over CPU processes"),
+    (["trainer.devices=0"], "trainer.devices=0 must be >= 1"),
+    (["optim.lr=abc"], "optim.lr='abc' is not a number (optim.Muon's lr; its default: 0.001)"),
+    (["budget.tokens=many"], "budget.tokens='many' is not an integer"),
+])
+def test_a_start_up_mistake_exits_with_one_message(tmp_path, cache_dir, overrides, message):
+    assert_clean_error(train(tmp_path, cache_dir, *overrides), message)
+
+
+def test_a_run_dir_that_is_a_file_is_refused_before_hydra_makes_it(tmp_path, cache_dir):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a run dir")
+    result = run_cli("train.py", *TINY, f"run_dir={a_file}", f"paths.cache_dir={cache_dir}")
+    assert_clean_error(result, f"run_dir={a_file} is a file: pass a directory")
+    result = run_cli("train.py", *TINY, f"run_dir={a_file / 'run'}", f"paths.cache_dir={cache_dir}")
+    assert_clean_error(result, f"run_dir={a_file / 'run'} lies under {a_file}, which is a file")
 
 
 def test_corrupt_data_file(tmp_path, cache_dir):

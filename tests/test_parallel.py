@@ -12,12 +12,13 @@ from optim.distributed import gather_whole, shard_like
 from trainer.checkpoint import renumber_optimizer_state
 from configs import compose
 from trainer.errors import ConfigError
-from trainer.parallel import build_strategy, check_layout, world_size_of
+from trainer.parallel import Machine, build_strategy, check_layout, world_size_of
 from trainer.preemption import StopRequest, requeue_slurm_job, slurm_job_id
 
 
 def trainer_cfg(**overrides):
-    return OmegaConf.create({"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto", **overrides})
+    return OmegaConf.create({"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto", "precision": "32-true",
+                             **overrides})
 
 
 def test_world_size_is_devices_times_nodes():
@@ -26,17 +27,60 @@ def test_world_size_is_devices_times_nodes():
     assert world_size_of(trainer_cfg(devices="auto")) == 1  # CPU
 
 
+GPU_NODE = Machine(cuda_devices=8, cpu_cores=96, bf16_gpu=True)
+LAPTOP = Machine(cuda_devices=0, cpu_cores=2, bf16_gpu=False, torch_version="2.13.0+cpu")
+
+
 def test_slurm_layout_must_match_the_trainer():
-    slurm = {"SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NAME": "train"}
-    check_layout(trainer_cfg(devices=8, strategy="ddp"), environ=slurm)
+    slurm = {"SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NAME": "train"}
+    check_layout(trainer_cfg(devices=8, strategy="ddp", accelerator="gpu"), environ=slurm, machine=GPU_NODE)
     with pytest.raises(ConfigError) as error:
-        check_layout(trainer_cfg(devices=1), environ=slurm)
+        check_layout(trainer_cfg(devices=1), environ=slurm, machine=GPU_NODE)
     assert ("SLURM started 8 task(s) on 1 node(s), but trainer.devices=1 x trainer.num_nodes=1 asks for 1 on 1: "
             "launch one task per device (hydra.launcher.tasks_per_node=<devices>") in str(error.value)
     with pytest.raises(ConfigError, match="on 2 node"):
-        check_layout(trainer_cfg(devices=4), environ={**slurm, "SLURM_JOB_NUM_NODES": "2"})
-    check_layout(trainer_cfg(devices=1), environ={**slurm, "SLURM_JOB_NAME": "interactive"})  # salloc shell: not SLURM's ranks
-    check_layout(trainer_cfg(devices=1), environ={})
+        check_layout(trainer_cfg(devices=4), environ={**slurm, "SLURM_JOB_NUM_NODES": "2"}, machine=GPU_NODE)
+    interactive = {**slurm, "SLURM_JOB_NAME": "interactive"}  # salloc shell: not SLURM's ranks
+    check_layout(trainer_cfg(devices=1), environ=interactive, machine=GPU_NODE)
+    check_layout(trainer_cfg(devices=1), environ={}, machine=GPU_NODE)
+
+
+def test_python_inside_sbatch_without_srun_is_refused_not_left_waiting():
+    """sbatch --ntasks-per-node=8 runs its script once; without srun the other 7 ranks never start."""
+    batch_step = {"SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NAME": "train"}  # no SLURM_STEP_*
+    with pytest.raises(ConfigError) as error:
+        check_layout(trainer_cfg(devices=8, strategy="ddp", accelerator="gpu"), environ=batch_step, machine=GPU_NODE)
+    assert ("SLURM allocated 8 tasks but started 1 process(es) here: `python train.py` inside an sbatch script runs once, "
+            "as the batch script, and would wait for 7 rank(s) that never start. Start one process per task with srun: "
+            "`srun python train.py ...`") in str(error.value)
+    one_task = {"SLURM_NTASKS": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NAME": "train"}
+    check_layout(trainer_cfg(devices=1, accelerator="gpu"), environ=one_task, machine=GPU_NODE)  # one task: no srun needed
+
+
+@pytest.mark.parametrize("overrides,machine,message", [
+    ({"accelerator": "gpu"}, LAPTOP, "trainer.accelerator=gpu needs a CUDA GPU, but torch 2.13.0+cpu sees none here "
+                                     "(torch.cuda.is_available() is False): use trainer=cpu"),
+    ({"accelerator": "gpu", "strategy": "ddp", "devices": 2}, LAPTOP,
+     "use trainer.accelerator=cpu trainer.precision=32-true to run trainer.strategy=ddp over CPU processes"),
+    ({"devices": 0}, LAPTOP, "trainer.devices=0 must be >= 1 (or auto: every visible GPU, one process on a CPU)"),
+    ({"devices": 3, "strategy": "ddp"}, LAPTOP, "trainer.devices=3 but this machine has 2 CPU core(s) (one process per device): "
+                                                "use trainer.devices<=2"),
+    ({"accelerator": "gpu", "devices": 16}, GPU_NODE, "trainer.devices=16 but this machine has 8 CUDA device(s)"),
+    ({"accelerator": "gpu", "devices": [0, 8]}, GPU_NODE, "trainer.devices=[0, 8] but this machine has 8 CUDA device(s)"),
+    ({"accelerator": "gpu", "precision": "bf16-mixed"}, Machine(cuda_devices=1, cpu_cores=8, bf16_gpu=False),
+     "trainer.precision=bf16-mixed needs bfloat16, which this GPU does not compute (pre-Ampere): use trainer.precision=16-mixed"),
+    ({"accelerator": "tpu"}, LAPTOP, "trainer.accelerator='tpu' is not one of ['cpu', 'gpu', 'cuda', 'auto']"),
+])
+def test_devices_this_machine_cannot_give_are_refused_with_what_would_run(overrides, machine, message):
+    with pytest.raises(ConfigError) as error:
+        check_layout(trainer_cfg(**overrides), environ={}, machine=machine)
+    assert message in str(error.value)
+
+
+def test_devices_the_machine_has_pass():
+    check_layout(trainer_cfg(devices=2, strategy="ddp"), environ={}, machine=LAPTOP)
+    check_layout(trainer_cfg(devices="auto"), environ={}, machine=LAPTOP)
+    check_layout(trainer_cfg(accelerator="gpu", devices=[0, 7], precision="bf16-mixed"), environ={}, machine=GPU_NODE)
 
 
 def test_unknown_strategy_names_the_valid_ones():

@@ -197,6 +197,53 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(make_cfg, tmp_path):
     assert rows(tmp_path / "run")[-1]["step"] == 7
 
 
+def test_a_nan_before_any_checkpoint_says_none_exists_yet(make_cfg, tmp_path):
+    with pytest.raises(NonFiniteLossError) as error:
+        run(make_cfg(), callbacks=[PoisonWeightsAt(3)])
+    assert ("train loss is nan at step 3 (384 tokens); stopped before the update. No checkpoint exists yet (the first was "
+            "due after step 5): rerunning starts over.") in str(error.value)
+    assert not last_checkpoint_path(tmp_path / "run").exists()
+
+
+def test_a_finished_run_whose_metrics_csv_was_deleted_gets_it_back_from_its_checkpoint(make_cfg, tmp_path, capsys):
+    first = run(make_cfg())
+    csv = tmp_path / "run" / "metrics.csv"
+    before = csv.read_text()
+    csv.unlink()
+    again = run(make_cfg())
+    assert again.val_loss == first.val_loss and csv.read_text() == before
+    assert f"note: {csv} is missing: rewritten from the 20 rows kept in {last_checkpoint_path(tmp_path / 'run')}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["cut mid-line", "emptied", "rows lost"])
+def test_a_metrics_csv_damaged_during_a_crash_is_rewritten_from_the_checkpoint_not_shortened(make_cfg, tmp_path, capsys, damage):
+    with pytest.raises(CrashAt.Crash):
+        run(make_cfg("budget.tokens=1536"), callbacks=[CrashAt(7)])  # checkpoint at step 5, rows up to 7
+    csv = tmp_path / "run" / "metrics.csv"
+    text = csv.read_text()
+    csv.write_text({"cut mid-line": text[:-25], "emptied": "", "rows lost": "\n".join(text.splitlines()[:3]) + "\n"}[damage])
+    run(make_cfg("budget.tokens=1536"))
+    out = capsys.readouterr().out
+    reason = {"cut mid-line": "is damaged (", "emptied": "is damaged (", "rows lost": "holds 2 of the 5 rows up to step 5"}[damage]
+    assert f"note: {csv} {reason}" in out and "rewritten from the 5 rows kept in" in out
+    assert [r["step"] for r in rows(tmp_path / "run")] == list(range(1, 13))
+    assert csv.read_text().splitlines()[:6] == text.splitlines()[:6]  # the header and rows 1-5 as first written
+
+
+def test_a_checkpoint_without_metrics_rows_refuses_a_damaged_csv(make_cfg, tmp_path):
+    """Checkpoints of format 1 kept no metrics rows: a lost metrics.csv cannot be rebuilt, so it is refused."""
+    with pytest.raises(CrashAt.Crash):
+        run(make_cfg(), callbacks=[CrashAt(12)])
+    checkpoint = last_checkpoint_path(tmp_path / "run")
+    saved = torch.load(checkpoint, weights_only=False)
+    del saved["muonlab"]["metrics"]
+    torch.save(saved, checkpoint)
+    (tmp_path / "run" / "metrics.csv").unlink()
+    with pytest.raises(CheckpointError, match=r"metrics.csv is missing, and checkpoint .* holds no copy of them. Restore .*, "
+                                              r"or pass resume=false to start over"):
+        run(make_cfg())
+
+
 def test_corrupt_checkpoint_is_refused_with_advice(make_cfg, tmp_path):
     with pytest.raises(CrashAt.Crash):
         run(make_cfg(), callbacks=[CrashAt(6)])

@@ -1,7 +1,8 @@
 """The run's last checkpoint: written atomically, verified before resuming.
 
 `<run_dir>/checkpoints/last.ckpt` is a Lightning checkpoint (weights, optimizer and scheduler state,
-loop counters) plus a `muonlab` entry with the resolved config, step and tokens. It is one full file
+loop counters) plus a `muonlab` entry with the resolved config, step, tokens and the metrics.csv rows
+up to that step (a resumed run rewrites a lost or damaged metrics.csv from them). It is one full file
 under every strategy (FSDP gathers it on rank 0), with optimizer state numbered by the parameter's
 position in the module, as Lightning's FSDP2 loader expects, so a checkpoint of any strategy and
 world size resumes under any other. It is first written
@@ -17,8 +18,9 @@ import torch
 
 from data.files import atomic_file
 from trainer.errors import CheckpointError
+from trainer.metrics import MetricsError, read_metrics
 
-FORMAT = 1
+FORMAT = 2  # 2: the metrics.csv rows up to the checkpoint's step are kept in it
 # config entries that define the training trajectory: resuming with any of them changed is refused
 TRAJECTORY_KEYS = ("model", "data.name", "data.kind", "data.source", "data.val_fraction", "data.val_head_tokens",
                    "data.seq_len", "data.batch_tokens", "data.seed", "optim", "schedule", "budget", "seed", "grad_clip")
@@ -107,3 +109,27 @@ def verify_checkpoint(path: Path, config: dict) -> dict:
             + "; ".join(differences) + "). Resume with the original settings, or pass a new run_dir=..."
         )
     return meta
+
+
+def rows_to_resume(csv_path: Path, meta: dict, checkpoint: Path) -> tuple[list[dict], str | None]:
+    """The metrics rows a run resumed from `checkpoint` (its `muonlab` entry: `meta`) starts from:
+    the checkpoint's own copy, and a note when metrics.csv was missing, damaged or short of them (it
+    is then rewritten). A checkpoint without a copy (format 1) resumes from the file's rows up to its
+    step, and refuses a missing or damaged file rather than shorten the history."""
+    step = meta["step"]
+    try:
+        on_disk, problem = [r for r in read_metrics(csv_path) if r["step"] <= step], None
+    except FileNotFoundError:
+        on_disk, problem = [], "is missing"
+    except MetricsError as e:
+        on_disk, problem = [], f"is damaged ({e})"
+    saved = meta.get("metrics")
+    if saved is None:
+        if problem:
+            raise CheckpointError(f"{csv_path} {problem}, and checkpoint {checkpoint} (written before checkpoints kept the "
+                                  f"metrics rows) holds no copy of them. Restore {csv_path}, or pass resume=false to start over")
+        return on_disk, None
+    if problem is None and [r["step"] for r in on_disk] != [r["step"] for r in saved]:
+        problem = f"holds {len(on_disk)} of the {len(saved)} rows up to step {step}"
+    note = f"{csv_path} {problem}: rewritten from the {len(saved)} rows kept in {checkpoint}" if problem else None
+    return list(saved), note

@@ -4,8 +4,9 @@ Columns: tokens, step, train_loss, val_loss (on evaluation steps; empty otherwis
 every optimizer group, grad_norm (before clipping), grad_evals, tokens_per_s, mfu (model FLOPs
 utilisation, trainer/throughput.py), peak_memory_gb, elapsed_s (training wall time, summed over
 resumed sessions), then any columns callbacks add. A new column rewrites the file with
-the wider header; otherwise rows are appended and flushed. On resume, rows after the checkpoint's
-step are dropped, so an interrupted and resumed run ends with the same rows as an uninterrupted one.
+the wider header; otherwise rows are appended and flushed. Each checkpoint keeps the rows up to its
+step; a resumed run starts from those (rows written after the checkpoint are dropped, and a missing
+or damaged file is rewritten), so it ends with the same rows as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -19,18 +20,34 @@ from data.files import atomic_file
 LEADING = ("tokens", "step", "train_loss", "val_loss")
 
 
+class MetricsError(ValueError):
+    """A metrics.csv that cannot be read as one: a cut or garbled line, a missing header."""
+
+
 def read_metrics(path: Path) -> list[dict]:
-    """Rows of a metrics.csv with numbers parsed (empty cells are absent)."""
+    """Rows of a metrics.csv with numbers parsed (empty cells are absent); MetricsError names the
+    first line that is not a row of numbers."""
     with open(path, newline="") as f:
-        return [{k: float(v) if k not in ("tokens", "step") else int(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or reader.fieldnames[:2] != ["tokens", "step"]:
+            raise MetricsError(f"{path} has no metrics.csv header (tokens,step,...)")
+        rows = []
+        for row in reader:
+            try:
+                if None in row or None in row.values():  # more or fewer cells than the header
+                    raise ValueError(f"{len(row) - (None in row)} columns")
+                rows.append({k: float(v) if k not in ("tokens", "step") else int(v) for k, v in row.items() if v != ""})
+            except ValueError as e:
+                raise MetricsError(f"{path} line {reader.line_num} is not a row of {len(reader.fieldnames)} numbers ({e})") from None
+        return rows
 
 
 class MetricsCSV:
-    def __init__(self, path: Path, resume_step: int | None):
+    """metrics.csv, opened with the rows already logged (a resumed run's, from its checkpoint)."""
+
+    def __init__(self, path: Path, rows: list[dict] = ()):
         self.path = Path(path)
-        self.rows: list[dict] = []
-        if resume_step is not None and self.path.is_file():
-            self.rows = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
+        self.rows: list[dict] = list(rows)
         self.columns = self._columns_for(self.rows)
         self._rewrite()
 

@@ -15,7 +15,6 @@ from typing import Callable
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader
 
@@ -35,12 +34,12 @@ from trainer.step_metrics import StepMetrics
 
 class LanguageModel(L.LightningModule):
     def __init__(self, plan: RunPlan, model: torch.nn.Module, build_optimizer: Callable[[torch.nn.Module], HybridOptimizer],
-                 train_tokens: TokenStream, val_windows: torch.Tensor, resume_step: int | None = None):
+                 train_tokens: TokenStream, val_windows: torch.Tensor, resume_rows: list[dict] = ()):
         super().__init__()
         self.plan, self.model, self.build_optimizer = plan, model, build_optimizer
         self.automatic_optimization = not plan.lookahead
         self.train_tokens, self.val_windows = train_tokens, val_windows
-        self.resume_step = resume_step
+        self.resume_rows = resume_rows  # metrics.csv's rows up to the checkpoint resumed from
         self.step_metrics = StepMetrics(plan)  # the rows of metrics.csv; callbacks add columns through it
         self.checkpoint_path = last_checkpoint_path(plan.run_dir)
         self.qk_clip: QKClip | None = None  # MuonClip: built with the optimizer
@@ -56,7 +55,7 @@ class LanguageModel(L.LightningModule):
     # ---- model, data, optimizer --------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if self.trainer.is_global_zero:
-            self.step_metrics.open_csv(self.resume_step)
+            self.step_metrics.open_csv(self.resume_rows)
 
     def configure_model(self) -> None:
         if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
@@ -86,8 +85,7 @@ class LanguageModel(L.LightningModule):
 
     # ---- the step ----------------------------------------------------------------------------
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.model(inputs)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return self.model(inputs, targets)  # fp32 cross-entropy over chunks of the logits (models/loss.py)
 
     def training_step(self, batch, batch_idx):
         if self.plan.lookahead:
@@ -120,10 +118,13 @@ class LanguageModel(L.LightningModule):
         self._step_losses.clear()
         step = self.trainer.global_step + 1
         if not torch.isfinite(loss):
+            saved = (f"The last good checkpoint is {self.checkpoint_path} (step {self.last_checkpoint_step})."
+                     if self.last_checkpoint_step else
+                     f"No checkpoint exists yet (the first was due after step {self.plan.first_checkpoint_step()}): "
+                     f"rerunning starts over.")
             raise NonFiniteLossError(
                 f"train loss is {loss.item()} at step {step} ({self.plan.tokens_at(step):,} tokens); stopped before the "
-                f"update. The last good checkpoint is {self.checkpoint_path} (step {self.last_checkpoint_step}). "
-                "Lower optim.lr, tighten grad_clip, or check the data."
+                f"update. {saved} Lower optim.lr, tighten grad_clip, or check the data."
             )
         self._step_loss = loss.item()
         self._step_lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
@@ -179,7 +180,8 @@ class LanguageModel(L.LightningModule):
             number_by_position(checkpoint, self, self.trainer.optimizers)
         step = self.trainer.global_step
         checkpoint["muonlab"] = {"format": FORMAT, "config": self.plan.config, "step": step,
-                                 "tokens": self.plan.tokens_at(step), "elapsed_s": self.step_metrics.elapsed_s}
+                                 "tokens": self.plan.tokens_at(step), "elapsed_s": self.step_metrics.elapsed_s,
+                                 "metrics": self.step_metrics.rows()}  # rank 0's, the one written
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint["muonlab"]

@@ -18,6 +18,7 @@ Lightning only joins them, so `trainer.devices` x `trainer.num_nodes` must equal
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
@@ -38,14 +39,23 @@ def world_size_of(trainer_cfg: DictConfig) -> int:
     return devices_per_node(trainer_cfg) * int(trainer_cfg.num_nodes)
 
 
-def check_layout(trainer_cfg: DictConfig, environ=os.environ) -> None:
-    """Refuse a strategy name we do not know, and a SLURM allocation whose tasks do not match the
-    config's devices x nodes (Lightning would otherwise hang or silently train on fewer ranks)."""
+def check_layout(trainer_cfg: DictConfig, environ=os.environ, machine: Machine | None = None) -> None:
+    """Refuse a strategy name we do not know, devices this machine does not have, and a SLURM
+    allocation whose tasks do not match the config's devices x nodes or that srun did not start
+    (Lightning would otherwise fail deep inside, hang, or silently train on fewer ranks)."""
     if trainer_cfg.strategy not in STRATEGIES:
         raise ConfigError(f"trainer.strategy={trainer_cfg.strategy!r} is not one of {list(STRATEGIES)}")
+    check_devices(trainer_cfg, machine or Machine.here())
     if "SLURM_NTASKS" not in environ or environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
         return
     tasks, nodes = int(environ["SLURM_NTASKS"]), int(environ.get("SLURM_JOB_NUM_NODES", environ.get("SLURM_NNODES", 1)))
+    started = int(environ.get("SLURM_STEP_NUM_TASKS", 1))  # srun's tasks; the batch script itself is one process
+    if tasks > 1 and started != tasks:
+        raise ConfigError(
+            f"SLURM allocated {tasks} tasks but started {started} process(es) here: `python train.py` inside an sbatch "
+            f"script runs once, as the batch script, and would wait for {tasks - started} rank(s) that never start. "
+            f"Start one process per task with srun: `srun python train.py ...` (scripts/sbatch_train.sh does)"
+        )
     per_node = devices_per_node(trainer_cfg)
     if tasks != per_node * int(trainer_cfg.num_nodes) or nodes != int(trainer_cfg.num_nodes):
         raise ConfigError(
@@ -54,6 +64,55 @@ def check_layout(trainer_cfg: DictConfig, environ=os.environ) -> None:
             f"{trainer_cfg.num_nodes}: launch one task per device (hydra.launcher.tasks_per_node=<devices> "
             f"nodes=<num_nodes>, or srun --ntasks-per-node=<devices>), or set trainer.devices/num_nodes to match"
         )
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What this machine offers a run: CUDA devices and CPU cores."""
+
+    cuda_devices: int
+    cpu_cores: int
+    bf16_gpu: bool  # the CUDA devices compute in bfloat16 (Ampere and newer)
+    torch_version: str = torch.__version__
+
+    @classmethod
+    def here(cls) -> Machine:
+        cuda = torch.cuda.is_available()
+        return cls(cuda_devices=torch.cuda.device_count() if cuda else 0, cpu_cores=os.cpu_count() or 1,
+                   bf16_gpu=cuda and torch.cuda.is_bf16_supported())
+
+
+ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
+ON_CPU = "trainer.accelerator=cpu trainer.precision=32-true"  # DDP/FSDP over CPU processes (gloo)
+
+
+def check_devices(trainer_cfg: DictConfig, machine: Machine) -> None:
+    """Refuse an accelerator or a device count this machine cannot give, saying what would run."""
+    accelerator, devices, precision = trainer_cfg.accelerator, trainer_cfg.devices, str(trainer_cfg.precision)
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(f"trainer.accelerator={accelerator!r} is not one of {list(ACCELERATORS)}")
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and machine.cuda_devices > 0)
+    if on_gpu and machine.cuda_devices == 0:
+        instead = ("trainer=cpu" if trainer_cfg.strategy == "auto" else
+                   f"{ON_CPU} to run trainer.strategy={trainer_cfg.strategy} over CPU processes")
+        raise ConfigError(f"trainer.accelerator={accelerator} needs a CUDA GPU, but torch {machine.torch_version} sees none "
+                          f"here (torch.cuda.is_available() is False): use {instead}")
+    if isinstance(devices, str):
+        if devices != "auto":
+            raise ConfigError(f"trainer.devices={devices!r} must be a number of devices >= 1, a list of GPU indices, or auto")
+        return
+    available = machine.cuda_devices if on_gpu else machine.cpu_cores
+    what = "CUDA device(s)" if on_gpu else "CPU core(s) (one process per device)"
+    if isinstance(devices, int) and devices < 1:
+        raise ConfigError(f"trainer.devices={devices} must be >= 1 (or auto: every visible GPU, one process on a CPU)")
+    wanted = devices if isinstance(devices, int) else len(devices)
+    too_many = wanted > available or (not isinstance(devices, int) and on_gpu and max(devices, default=0) >= available)
+    if wanted < 1 or too_many:
+        raise ConfigError(f"trainer.devices={devices if isinstance(devices, int) else list(devices)} but this machine has "
+                          f"{available} {what}: use trainer.devices<={available} (per node; trainer.num_nodes for more)")
+    if on_gpu and precision.startswith("bf16") and not machine.bf16_gpu:
+        raise ConfigError(f"trainer.precision={precision} needs bfloat16, which this GPU does not compute (pre-Ampere): "
+                          f"use trainer.precision=16-mixed or 32-true")
 
 
 def build_strategy(trainer_cfg: DictConfig):

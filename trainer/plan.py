@@ -13,7 +13,7 @@ from data import N_VOCAB
 from models import ModelConfigError, build_config, config_problems
 from optim.schedules import Schedule
 from trainer.errors import ConfigError
-from trainer.optimizers import needs_lookahead
+from trainer.optimizers import hyperparameter_problems, needs_lookahead
 from trainer.setting import setting_problems
 
 
@@ -79,15 +79,66 @@ class RunPlan:
     def checkpoint_due(self, step: int) -> bool:
         return self._crossed(self.ckpt_every_tokens, step) or step == self.total_steps
 
+    def first_checkpoint_step(self) -> int:
+        return next(s for s in range(1, self.total_steps + 1) if self.checkpoint_due(s))
+
 
 def _nearby_multiples(unit: int, around: int) -> str:
     low = max(unit, around // unit * unit)
     return ", ".join(str(v) for v in dict.fromkeys((low, low + unit)))
 
 
+INTEGERS = ("data.seq_len", "data.micro_batch", "data.batch_tokens", "data.seed", "data.num_workers", "budget.tokens",
+            "eval.every_tokens", "eval.tokens", "checkpoint.every_tokens")
+OPTIONAL_INTEGERS = ("eval.batch_tokens",)
+OPTIONAL_NUMBERS = ("grad_clip", "trainer.peak_flops", "optim.qk_clip_threshold")
+
+
+def _as_number(value, integer: bool) -> int | float | None:
+    """value as an int (integer: also a whole float such as 1e9) or a float; None if it is not one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if integer:
+        return int(value) if float(value).is_integer() else None
+    return float(value)
+
+
+def number_problems(cfg: DictConfig) -> list[str]:
+    """'key=value is not an integer' for every count or threshold the plan reads that is not a number."""
+    problems = []
+    for key in INTEGERS + OPTIONAL_INTEGERS + OPTIONAL_NUMBERS:
+        value = OmegaConf.select(cfg, key)
+        optional, integer = key not in INTEGERS, key not in OPTIONAL_NUMBERS
+        if (value is None and optional) or _as_number(value, integer) is not None:
+            continue
+        problems.append(f"{key}={value!r} is not {'an integer' if integer else 'a number'}" + (" (or null)" if optional else ""))
+    return problems
+
+
+def run_dir_problem(run_dir: str | Path) -> str | None:
+    """Why `run_dir` cannot be a run dir (it, or a folder above it, is a file), or None."""
+    for path in (Path(run_dir), *Path(run_dir).parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == Path(run_dir) else f"lies under {path}, which is a file"
+            return f"run_dir={run_dir} {where}: pass a directory (a new one, or a run dir to resume)"
+    return None
+
+
+def eval_sequences(cfg: DictConfig) -> int:
+    """Validation sequences per forward per device: eval.batch_tokens of them, or by default what a
+    training forward holds (data.micro_batch x data.seq_len tokens); at least one."""
+    seq_len = int(cfg.data.seq_len)
+    batch_tokens = cfg.eval.get("batch_tokens")
+    tokens = int(cfg.data.micro_batch) * seq_len if batch_tokens is None else int(batch_tokens)
+    return max(1, tokens // seq_len)
+
+
 def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
-    """Validate cfg and derive the plan; raises ConfigError listing every problem found."""
-    problems: list[str] = []
+    """Validate cfg and derive the plan; raises ConfigError listing every problem found (values that
+    are not numbers first: the other checks compute with them)."""
+    problems = number_problems(cfg) + hyperparameter_problems(cfg.optim)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     context = None
     try:
         model_config = build_config(OmegaConf.to_container(cfg.model, resolve=True))
@@ -119,10 +170,12 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
     budget = int(cfg.budget.tokens)
     if batch_tokens > 0 and budget < batch_tokens:
         problems.append(f"budget.tokens={budget} is smaller than one optimizer step of data.batch_tokens={batch_tokens} tokens")
-    for name in ("eval.every_tokens", "checkpoint.every_tokens", "eval.micro_batch"):
+    for name in ("eval.every_tokens", "checkpoint.every_tokens", "eval.batch_tokens"):
         value = OmegaConf.select(cfg, name)
-        if int(value) < 1:
+        if value is not None and int(value) < 1:
             problems.append(f"{name}={value} must be >= 1")
+    if (problem := run_dir_problem(cfg.run_dir)) is not None:
+        problems.append(problem)
     if int(cfg.eval.tokens) < seq_len + 1:
         problems.append(f"eval.tokens={cfg.eval.tokens} must hold at least one sequence of data.seq_len + 1 = {seq_len + 1} tokens")
     schedule = lookahead = None
@@ -149,7 +202,7 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
         eval_every_tokens=int(cfg.eval.every_tokens),
         ckpt_every_tokens=int(cfg.checkpoint.every_tokens),
         eval_tokens=int(cfg.eval.tokens),
-        eval_micro_batch=int(cfg.eval.micro_batch),
+        eval_micro_batch=eval_sequences(cfg),
         lookahead=lookahead,
         schedule=schedule,
         grad_clip=None if cfg.grad_clip is None else float(cfg.grad_clip),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
+from hydra.errors import InstantiationException
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
@@ -19,10 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from data import open_dataset, validation_windows
 from models import build_model
-from trainer.checkpoint import last_checkpoint_path, verify_checkpoint
+from trainer.errors import ConfigError
+from trainer.checkpoint import last_checkpoint_path, rows_to_resume, verify_checkpoint
 from trainer.host_memory import keep_freed_memory
 from trainer.loggers import build_loggers
-from trainer.metrics import read_metrics
+from trainer.metrics import MetricsCSV
 from trainer.module import LanguageModel
 from trainer.optimizers import build_optimizer
 from trainer.parallel import build_strategy, check_layout, cluster_plugins, world_size_of
@@ -74,9 +76,14 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
 
     checkpoint = last_checkpoint_path(run_dir)
     resume = verify_checkpoint(checkpoint, plan.config) if cfg.resume and checkpoint.is_file() else None
+    rows, note = rows_to_resume(run_dir / "metrics.csv", resume, checkpoint) if resume else ([], None)
+    if note:
+        say(f"note: {note}")
     if resume and resume["step"] >= plan.total_steps:
+        if note and rank_zero_only.rank == 0:
+            MetricsCSV(run_dir / "metrics.csv", rows)
         say(f"{run_dir} already finished ({resume['tokens']:,} tokens); nothing to train")
-        return report(read_metrics(run_dir / "metrics.csv")[-1], run_dir, started, resume)
+        return report(rows[-1], run_dir, started, resume)
     if resume:
         say(f"resuming {run_dir} from step {resume['step']} ({resume['tokens']:,} tokens)")
 
@@ -84,8 +91,8 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
     model = build_model(OmegaConf.to_container(cfg.model, resolve=True))
     model.activation_checkpointing = bool(cfg.activation_checkpointing)
     module = LanguageModel(plan, model, functools.partial(build_optimizer, optim_cfg=cfg.optim), tokens.splits["train"], val,
-                           resume_step=resume["step"] if resume else None)
-    chosen = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values()] + list(callbacks)
+                           resume_rows=rows)
+    chosen = build_callbacks(cfg.callbacks) + list(callbacks)
     quiet_lightning()
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
@@ -109,6 +116,17 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
     )
     trainer.fit(module, ckpt_path=str(checkpoint) if resume else None)
     return report(module.step_metrics.last_row, run_dir, started, resume, stopped_by=module.stopped_by)
+
+
+def build_callbacks(callbacks_cfg: DictConfig | None) -> list[L.Callback]:
+    """The callbacks of the `callbacks` group; a bad setting is a ConfigError naming it."""
+    chosen = []
+    for name, node in (callbacks_cfg or {}).items():
+        try:
+            chosen.append(hydra.utils.instantiate(node))
+        except InstantiationException as e:
+            raise ConfigError(f"callbacks.{name}: {e.__cause__ or e}") from None
+    return chosen
 
 
 def report(final_row: dict, run_dir: Path, started: float, resume: dict | None, stopped_by: int | None = None) -> RunResult:

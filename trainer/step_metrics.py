@@ -30,8 +30,13 @@ class StepMetrics:
         self._clock_step = 0
         self._flops_per_token = self._peak_flops = float("nan")
 
-    def open_csv(self, resume_step: int | None) -> None:
-        self.csv = MetricsCSV(Path(self.plan.run_dir) / "metrics.csv", resume_step=resume_step)
+    def open_csv(self, rows: list[dict]) -> None:
+        """metrics.csv, written anew with `rows` (a resumed run's rows up to its checkpoint)."""
+        self.csv = MetricsCSV(Path(self.plan.run_dir) / "metrics.csv", rows)
+
+    def rows(self) -> list[dict]:
+        """Every row so far (rank 0; empty elsewhere): what a checkpoint keeps."""
+        return list(self.csv.rows) if self.csv is not None else []
 
     def start(self, step: int, model: torch.nn.Module, device: torch.device, verbose: bool) -> None:
         """At train start: the FLOPs the mfu column counts, the devices' peak, and the clock."""
