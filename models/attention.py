@@ -15,17 +15,28 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout:
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale)
 
 
+SCORE_ELEMENTS = 2**26  # scores per block of query rows: 256 MB in fp32
+
+
 @torch.no_grad()
-def max_causal_logits(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """(heads,) the largest score q_i·k_j · scale over the batch and all j ≤ i, one sequence at a time
-    (an explicit (heads, seq, seq) score matrix: only runs that clip pay for it)."""
+def max_causal_logits(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
+                      block_elements: int = SCORE_ELEMENTS) -> torch.Tensor:
+    """(heads,) the largest score q_i·k_j · scale over the batch and all j ≤ i. The scores are fp32
+    (bf16 activations are upcast, and autocast is off so the matmul stays fp32), computed for every
+    sequence and head at once, a block of query rows at a time (at most `block_elements` scores, each
+    block against the keys up to its last row): only runs that clip pay for them."""
     scale = scale if scale is not None else q.shape[-1] ** -0.5
-    T = q.shape[-2]
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    dtype = torch.promote_types(q.dtype, torch.float32)  # bf16 activations: scores in fp32
-    per_sequence = [(qb.to(dtype) @ kb.to(dtype).transpose(-2, -1) * scale).masked_fill(future, float("-inf")).amax(dim=(-2, -1))
-                    for qb, kb in zip(q, k)]
-    return torch.stack(per_sequence).amax(dim=0)
+    B, H, T, _ = q.shape
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    rows = max(1, block_elements // (B * H * T))
+    best = torch.full((H,), float("-inf"), dtype=dtype, device=q.device)
+    with torch.autocast(q.device.type, enabled=False):
+        for start in range(0, T, rows):
+            end = min(T, start + rows)
+            scores = q[:, :, start:end].to(dtype) @ k[:, :, :end].to(dtype).transpose(-2, -1)  # (B, H, rows, end)
+            future = torch.arange(start, end, device=q.device)[:, None] < torch.arange(end, device=q.device)
+            best = torch.maximum(best, scores.masked_fill(future, float("-inf")).amax(dim=(0, 2, 3)))
+    return best * scale
 
 
 class QKLogitTracking(nn.Module):

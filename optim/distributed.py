@@ -10,6 +10,8 @@ assignment from the shapes alone. An owner orthogonalizes its matrices in same-s
                                            owner(j); the owner orthogonalizes the whole matrix and
                                            sends each rank its rows back (Dion's and torchtitan's
                                            DistMuon pattern). No rank ever holds all the matrices.
+                                           HSDP (sharded within a node, replicated across nodes): the
+                                           same within each node's shard group.
     DDP (replicated tensors, opted in with ``MatrixOptimizer.split_orthogonalization()``)
                                            each rank orthogonalizes the matrices it owns, then each
                                            owner broadcasts its results to every rank.
@@ -87,8 +89,19 @@ def _in_dtypes(outputs: list[torch.Tensor], like: list[torch.Tensor]) -> list[to
     return [o.to(u.dtype) for o, u in zip(outputs, like)]
 
 
+def row_shard_dim(t: torch.Tensor) -> int | None:
+    """The mesh dimension a DTensor's rows are sharded over, when they are sharded over exactly one and
+    replicated over any others: FSDP2's (Shard(0),), HSDP's (Replicate(), Shard(0)); else None."""
+    placements = tuple(t.placements)
+    shards = [i for i, p in enumerate(placements) if p == Shard(0)]
+    if len(shards) == 1 and all(p.is_replicate() for i, p in enumerate(placements) if i != shards[0]):
+        return shards[0]
+    return None
+
+
 def _sharded_on_rows(updates: list[torch.Tensor]) -> bool:
-    return all(u.device_mesh.ndim == 1 and tuple(u.placements) == (Shard(0),) for u in updates)
+    dim = row_shard_dim(updates[0])
+    return dim is not None and all(u.device_mesh == updates[0].device_mesh and row_shard_dim(u) == dim for u in updates)
 
 
 def _owned(orthogonalize: Orthogonalize, wholes: dict[int, torch.Tensor], like: list[torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -97,9 +110,10 @@ def _owned(orthogonalize: Orthogonalize, wholes: dict[int, torch.Tensor], like: 
 
 
 def _orthogonalize_fsdp(orthogonalize: Orthogonalize, updates: list[torch.Tensor]) -> list[torch.Tensor]:
-    mesh = updates[0].device_mesh
-    group, world = mesh.get_group(), mesh.size()
-    rank = dist.get_rank(group)
+    """Row shards to their owners and back, within the mesh dimension the rows are sharded over (under
+    HSDP each replica group does the same work on the same values)."""
+    mesh, dim = updates[0].device_mesh, row_shard_dim(updates[0])
+    group, world, rank = mesh.get_group(dim), mesh.size(dim), mesh.get_local_rank(dim)
     shapes = [tuple(u.shape) for u in updates]
     owners = assign_owners(shapes, world)
     rows = [shard_rows(m, world) for m, _ in shapes]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from optim.distributed import DTensor, Shard, dist, shard_rows
+from optim.distributed import DTensor, dist, row_shard_dim, shard_rows
 
 
 class QKClip:
@@ -61,12 +61,12 @@ def clip_factors(maxima: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def scale_rows_(param: torch.Tensor, factors: torch.Tensor) -> None:
-    """param[i] *= factors[i] along dim 0, in place; an FSDP2 row shard scales its own rows."""
+    """param[i] *= factors[i] along dim 0, in place; an FSDP2 (or HSDP) row shard scales its own rows."""
     if isinstance(param, DTensor):
-        mesh = param.device_mesh
-        if mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
-            raise NotImplementedError(f"QK-clip scales rows of FSDP2 row shards; got placements {param.placements}")
-        rank, world = mesh.get_local_rank(), mesh.size()
+        mesh, dim = param.device_mesh, row_shard_dim(param)
+        if dim is None:
+            raise NotImplementedError(f"QK-clip scales rows of FSDP2/HSDP row shards; got placements {param.placements}")
+        rank, world = mesh.get_local_rank(dim), mesh.size(dim)
         rows = shard_rows(param.shape[0], world)
         start = sum(rows[:rank])
         local = param.to_local()

@@ -1,12 +1,17 @@
 """DDP and FSDP2 on CPU (gloo, 2 processes) against one device, through the command line; stopping
 on a signal at a step boundary and resuming on another strategy and world size."""
 
+import json
 import math
+import os
 import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_cli, start_and_signal
+from conftest import ROOT, run_cli, start_and_signal
 from trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -23,11 +28,68 @@ CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true"]
 FP32_NS = "optim.matrix.orthogonalizer.dtype=float32"  # (Dion has no Newton–Schulz)
 
 
-def train(run_dir, *overrides, cache_dir) -> list[dict]:
+def train(run_dir, *overrides, cache_dir, env: dict | None = None) -> list[dict]:
     ns = [] if "optim=dion" in overrides else [FP32_NS]
-    result = run_cli("train.py", *PARITY, *CPU, *ns, f"paths.cache_dir={cache_dir}", f"run_dir={run_dir}", *overrides, timeout=600)
+    result = run_cli("train.py", *PARITY, *CPU, *ns, f"paths.cache_dir={cache_dir}", f"run_dir={run_dir}", *overrides,
+                     env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return read_metrics(run_dir / "metrics.csv")
+
+
+# the collective-counting callback (tests/collectives.py), loaded by the training processes
+COUNT = ["+callbacks.count._target_=collectives.CountCollectives"]
+COUNTING = {"PYTHONPATH": str(ROOT / "tests")}
+TEN_STEPS = ["budget.tokens=10240", "eval.every_tokens=10240"]
+
+
+def per_step_counts(run_dir, ranks: int) -> list[list[dict]]:
+    return [json.loads((run_dir / f"collectives.{rank}.json").read_text()) for rank in range(ranks)]
+
+
+def test_fsdp_reduces_gradients_once_per_step_and_equals_ddp_under_accumulation(tmp_path, cache_dir):
+    """2 micro-batches per rank per step: FSDP2 reduce-scatters each block's and the root's gradients once per step
+    (gpt2_tiny: 2 blocks + root = 3), not once per micro-batch, and still equals DDP."""
+    accumulated = ["data.micro_batch=4", *TEN_STEPS, *COUNT]  # 16 sequences per step = 2 ranks x 2 x 4
+    runs = {name: train(tmp_path / name, *accumulated, *STRATEGIES[name], cache_dir=cache_dir, env=COUNTING)
+            for name in ("ddp", "fsdp")}
+    for key in ("train_loss", "val_loss", "grad_norm"):
+        assert max_relative_difference(runs["fsdp"], runs["ddp"], key) <= 1e-5, key
+    for steps in per_step_counts(tmp_path / "fsdp", ranks=2):
+        assert [s["step"] for s in steps] == list(range(1, 11))
+        assert all(reduce_scatters(s) == 3 for s in steps), steps  # was 6: once per micro-batch
+
+
+def reduce_scatters(counts: dict) -> int:
+    return counts.get("reduce_scatter_tensor", 0) + counts.get("reduce_scatter_single", 0)
+
+
+def test_hsdp_over_two_nodes_shards_within_a_node_and_equals_one_device(tmp_path, cache_dir):
+    """trainer.fsdp_replicate=nodes on 2 "nodes" of 2 CPU processes each (two train.py launched by hand, as a
+    cluster's launcher would: NODE_RANK, MASTER_ADDR/PORT): the one-device run to 1e-5, each rank reduce-scatters
+    each unit's gradients once per step within its node and all-reduces them once across nodes."""
+    args = [*PARITY, *CPU, FP32_NS, *TEN_STEPS, f"paths.cache_dir={cache_dir}"]
+    single = run_cli("train.py", *args, f"run_dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr[-2000:]
+    run_dir, port = tmp_path / "hsdp", free_port()
+    hsdp = [*args, "data.micro_batch=2", "trainer=fsdp", *CPU, "trainer.devices=2", "trainer.num_nodes=2",
+            "trainer.fsdp_replicate=nodes", f"run_dir={run_dir}", *COUNT]
+    env = {**os.environ, **COUNTING, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    nodes = [subprocess.Popen([sys.executable, "train.py", *hsdp], cwd=ROOT, env={**env, "NODE_RANK": str(node)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (1, 0)]
+    outs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs[1][-3000:] + outs[0][-3000:]
+    rows, expected = read_metrics(run_dir / "metrics.csv"), read_metrics(tmp_path / "single" / "metrics.csv")
+    for key in ("train_loss", "val_loss", "grad_norm"):
+        assert max_relative_difference(rows, expected, key) <= 1e-5, key
+    for steps in per_step_counts(run_dir, ranks=4):
+        assert [s["step"] for s in steps] == list(range(1, 11))
+        assert all(reduce_scatters(s) == 3 and s["all_reduce"] >= 3 for s in steps), steps  # + the loss's all-reduce
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def max_relative_difference(a: list[dict], b: list[dict], key: str) -> float:

@@ -1,6 +1,6 @@
 """Orthogonalization divided among ranks (optim/distributed.py), in real gloo process groups of 2 and 3
-ranks: FSDP2-style row shards (uneven, and a matrix with fewer rows than ranks) and DDP-style replicas
-give the single-process result, and each rank orthogonalizes only the matrices it owns."""
+ranks: FSDP2-style row shards (uneven, and a matrix with fewer rows than ranks), HSDP (2 replicas of a
+2-way sharding, 4 ranks) and DDP-style replicas give the single-process result, and each rank orthogonalizes only the matrices it owns."""
 
 import os
 import socket
@@ -33,17 +33,19 @@ def _worker(rank, world, port, layout, results):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Shard, distribute_tensor
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
         orthogonalizer = Orthogonalizer(method="newton_schulz", dtype="float64")
         seen = []
         count = lambda ms: seen.extend(tuple(m.shape) for m in ms) or orthogonalizer.apply_all(ms)  # noqa: E731
         whole = matrices()
-        if layout == "fsdp":
-            mesh = init_device_mesh("cpu", (world,))
-            updates = [distribute_tensor(m, mesh, [Shard(0)]) for m in whole]
+        if layout in ("fsdp", "hsdp"):  # HSDP: 2 replicas of a 2-way row sharding
+            mesh, placements = (init_device_mesh("cpu", (world,)), [Shard(0)]) if layout == "fsdp" else \
+                               (init_device_mesh("cpu", (2, world // 2)), [Replicate(), Shard(0)])
+            shards = world if layout == "fsdp" else world // 2
+            updates = [distribute_tensor(m, mesh, placements) for m in whole]
             out = [o.full_tensor() for o in orthogonalize_distributed(count, updates)]
-            assert all(o.to_local().shape[0] == shard_rows(s[0], world)[rank] for o, s in
+            assert all(o.to_local().shape[0] == shard_rows(s[0], shards)[rank % shards] for o, s in
                        zip(orthogonalize_distributed(orthogonalizer.apply_all, updates), SHAPES))
         else:
             out = orthogonalize_distributed(count, whole, replicated_over=dist.group.WORLD)
@@ -58,18 +60,19 @@ def run_ranks(world, layout):
     return dict(results)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("layout", ["fsdp", "ddp"])
+@pytest.mark.parametrize("world,layout", [(2, "fsdp"), (3, "fsdp"), (2, "ddp"), (3, "ddp"), (4, "hsdp")])
 def test_each_matrix_is_orthogonalized_once_and_every_rank_gets_the_single_process_result(world, layout):
     expected = Orthogonalizer(method="newton_schulz", dtype="float64").apply_all(matrices())
     results = run_ranks(world, layout)
-    owners = assign_owners(SHAPES, world)
+    group = world // 2 if layout == "hsdp" else world  # HSDP: owners within each replica's shard group
+    owners = assign_owners(SHAPES, group)
     for rank, (out, seen) in results.items():
         for o, e in zip(out, expected):
             assert torch.allclose(o, e, rtol=0, atol=1e-12)
         # the first call above is the counted one (fsdp calls twice: counted, then for the local-shape check)
-        assert seen[:owners.count(rank)] == [SHAPES[j] for j in range(len(SHAPES)) if owners[j] == rank]
-    assert sum(owners.count(r) for r in range(world)) == len(SHAPES)
+        mine = [SHAPES[j] for j in range(len(SHAPES)) if owners[j] == rank % group]
+        assert seen[:len(mine)] == mine
+    assert sum(owners.count(r) for r in range(group)) == len(SHAPES)
 
 
 def test_owners_balance_the_newton_schulz_cost():

@@ -132,3 +132,22 @@ def test_qk_clip_matches_its_equations_in_float64():
                 expected_b[rows] *= factor
     assert (S > 1.0).any()
     assert torch.allclose(attn.qkv.weight, expected_W, rtol=1e-12, atol=0) and torch.allclose(attn.qkv.bias, expected_b, rtol=1e-12, atol=0)
+
+
+def test_max_causal_logits_in_blocks_of_query_rows_equals_the_whole_score_matrix():
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 3, 37, 8, generator=g), torch.randn(2, 3, 37, 8, generator=g)
+    whole = max_causal_logits(q, k, block_elements=10**9)
+    for block_elements in (1, 2 * 3 * 37 * 5, 2 * 3 * 37 * 36):  # one row, 5 rows, 36 rows per block
+        assert torch.equal(max_causal_logits(q, k, block_elements=block_elements), whole)
+
+
+def test_max_causal_logits_are_fp32_under_bf16_autocast():
+    """bf16 activations under autocast (trainer.precision=bf16-mixed): the scores are not cast back to bf16."""
+    g = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(1, 2, 16, 8, generator=g) * 3).bfloat16(), (torch.randn(1, 2, 16, 8, generator=g) * 3).bfloat16()
+    exact = max_causal_logits(q.double(), k.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        seen = max_causal_logits(q, k)
+    assert seen.dtype == torch.float32
+    assert torch.allclose(seen.double(), exact, rtol=1e-6)  # a bf16 result would be off by up to 2^-8 relative

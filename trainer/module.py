@@ -11,11 +11,13 @@ step's batch, which the optimizer stores, then the step's own accumulated gradie
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from data import TokenStream, TrainBatches
@@ -26,7 +28,7 @@ from trainer.checkpoint import FORMAT, align_batch_counters, last_checkpoint_pat
 from trainer.errors import NonFiniteLossError
 from trainer.evaluation import evaluate
 from trainer.optimizers import print_routing
-from trainer.parallel import shard_model
+from trainer.parallel import fsdp_mesh, is_fsdp, shard_model
 from trainer.plan import RunPlan
 from trainer.preemption import StopRequest
 from trainer.step_metrics import StepMetrics
@@ -59,7 +61,8 @@ class LanguageModel(L.LightningModule):
 
     def configure_model(self) -> None:
         if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
-            shard_model(self.model, self.device_mesh["data_parallel"], mixed_precision=self.plan.bf16)
+            mesh = fsdp_mesh(self.device_mesh["data_parallel"], self.plan.fsdp_replicas)
+            shard_model(self.model, mesh, mixed_precision=self.plan.bf16)
         if self.plan.compile:
             self.model.compile()
 
@@ -90,22 +93,36 @@ class LanguageModel(L.LightningModule):
     def training_step(self, batch, batch_idx):
         if self.plan.lookahead:
             return self._two_pass_step(batch)
+        self._reduce_gradients(last=len(self._step_losses) + 1 == self.plan.accumulation)  # at its backward
         loss = self.loss(*batch)
         self._step_losses.append(loss.detach())
         return loss
+
+    def _reduce_gradients(self, last: bool) -> contextlib.AbstractContextManager:
+        """Gradients cross ranks once per gradient, in the backward of its last micro-batch. FSDP2 (which
+        Lightning does not tell) accumulates the others unsharded, without communication; under DDP
+        Lightning's automatic optimization skips their all-reduce itself, and the two-pass step runs
+        them in the returned no_sync context."""
+        if is_fsdp(self.model):
+            self.model.set_requires_gradient_sync(last)
+        elif not last and self.plan.lookahead and isinstance(self.trainer.model, DistributedDataParallel):
+            return self.trainer.model.no_sync()
+        return contextlib.nullcontext()
 
     def _two_pass_step(self, batch) -> None:
         """One micro-batch of a step with a look-ahead gradient (manual optimization)."""
         optimizer, accumulation = self.optimizers(), self.plan.accumulation
         if not self._step_losses:  # the step's first micro-batch: the look-ahead pass, at the current weights
-            for inputs, targets in self.train_batches.step_batches(self.trainer.global_step + 1):
-                self.manual_backward(self.loss(inputs.to(self.device), targets.to(self.device)) / accumulation)
+            for i, (inputs, targets) in enumerate(self.train_batches.step_batches(self.trainer.global_step + 1)):
+                with self._reduce_gradients(last=i + 1 == accumulation):
+                    self.manual_backward(self.loss(inputs.to(self.device), targets.to(self.device)) / accumulation)
             self.clip_and_measure_gradients()
             optimizer.optimizer.store_lookahead_gradients()
             optimizer.zero_grad()
-        loss = self.loss(*batch)
+        with self._reduce_gradients(last=len(self._step_losses) + 1 == accumulation):
+            loss = self.loss(*batch)
+            self.manual_backward(loss / accumulation)
         self._step_losses.append(loss.detach())
-        self.manual_backward(loss / accumulation)
         if len(self._step_losses) == accumulation:
             self.clip_and_measure_gradients()
             optimizer.step()  # runs on_before_optimizer_step: the NaN check, before the update

@@ -9,7 +9,8 @@ and the check that SLURM started the processes the config asks for.
                        ModelParallelStrategy; weights, gradients and optimizer state are sharded
                        along dim 0, and the Orthogonalize stage gathers each matrix whole
                        (optim/distributed.py). Checkpoints are one full file, so a sharded run
-                       resumes on any number of processes.
+                       resumes on any number of processes. trainer.fsdp_replicate=nodes: HSDP,
+                       sharded within each node and replicated across nodes.
 
 Under SLURM (`SLURM_NTASKS` set by srun or submitit) SLURM starts the ranks, one task per device;
 Lightning only joins them, so `trainer.devices` x `trainer.num_nodes` must equal the task layout.
@@ -46,6 +47,11 @@ def check_layout(trainer_cfg: DictConfig, environ=os.environ, machine: Machine |
     if trainer_cfg.strategy not in STRATEGIES:
         raise ConfigError(f"trainer.strategy={trainer_cfg.strategy!r} is not one of {list(STRATEGIES)}")
     check_devices(trainer_cfg, machine or Machine.here())
+    replicate = trainer_cfg.get("fsdp_replicate")
+    if replicate not in REPLICATE:
+        raise ConfigError(f"trainer.fsdp_replicate={replicate!r} is not one of {list(REPLICATE)}")
+    if replicate and trainer_cfg.strategy != "fsdp":
+        raise ConfigError(f"trainer.fsdp_replicate={replicate} is for trainer.strategy=fsdp (HSDP), not {trainer_cfg.strategy}")
     if "SLURM_NTASKS" not in environ or environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
         return
     tasks, nodes = int(environ["SLURM_NTASKS"]), int(environ.get("SLURM_JOB_NUM_NODES", environ.get("SLURM_NNODES", 1)))
@@ -135,6 +141,35 @@ def cluster_plugins() -> list:
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+REPLICATE = (None, "nodes")  # trainer.fsdp_replicate
+
+
+def replicas_of(trainer_cfg: DictConfig) -> int:
+    """FSDP's replica groups: 1 (shard over every rank), or one per node (HSDP: trainer.fsdp_replicate=nodes)."""
+    return int(trainer_cfg.num_nodes) if trainer_cfg.get("fsdp_replicate") == "nodes" else 1
+
+
+def fsdp_mesh(flat_mesh, replicas: int):
+    """The mesh `fully_shard` gets: Lightning's flat data-parallel mesh, or with replicas > 1 a 2-D
+    (replicate, shard) mesh: parameters sharded over the ranks of a node (all-gathers and
+    reduce-scatters on its fast links) and replicated across nodes (one all-reduce of the sharded
+    gradients per step)."""
+    if replicas == 1:
+        return flat_mesh
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(flat_mesh.device_type, (replicas, flat_mesh.size() // replicas), mesh_dim_names=("replicate", "shard"))
+
+
+def is_fsdp(module: torch.nn.Module) -> bool:
+    """Whether `module` was sharded by FSDP2's fully_shard."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed support
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def shard_model(model: torch.nn.Module, mesh, mixed_precision: bool = False) -> None:

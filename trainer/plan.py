@@ -14,6 +14,7 @@ from models import ModelConfigError, build_config, config_problems
 from optim.schedules import Schedule
 from trainer.errors import ConfigError
 from trainer.optimizers import hyperparameter_problems, needs_lookahead
+from trainer.parallel import replicas_of
 from trainer.setting import setting_problems
 
 
@@ -22,6 +23,7 @@ class RunPlan:
     seq_len: int
     micro_batch: int  # sequences per device per forward/backward
     world_size: int
+    fsdp_replicas: int  # FSDP replica groups: 1, or one per node (HSDP)
     tokens_per_step: int  # the global batch, data.batch_tokens
     accumulation: int  # micro-batches per device per optimizer step
     total_steps: int
@@ -196,6 +198,7 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
         seq_len=seq_len,
         micro_batch=micro,
         world_size=world_size,
+        fsdp_replicas=replicas_of(cfg.trainer),
         tokens_per_step=batch_tokens,
         accumulation=batch_tokens // unit,
         total_steps=budget // batch_tokens,
