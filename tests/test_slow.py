@@ -74,3 +74,21 @@ def test_compile_true_trains_through_a_compiled_forward(tmp_path, cache_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert len(rows) == 5 and rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+def test_a_multirun_of_lightning_launched_ranks_runs_each_job_once(tmp_path, cache_dir):
+    """`python train.py -m trainer=ddp trainer.devices=2 seed=1,2` without SLURM: Lightning starts each job's second
+    rank, and that rank runs its job, in its job's dir (before: it ran the whole sweep again, in a sweep dir of its own)."""
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=2"]
+    result = run_cli("train.py", "-m", *TINY, *ddp, "data.seq_len=64", "data.micro_batch=8", "data.batch_tokens=1024",
+                     "budget.tokens=2048", "seed=1,2", f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path}", timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert (result.stdout + result.stderr).count("Launching 2 jobs locally") == 1
+    sweeps = list((tmp_path / "multiruns").glob("*/*"))
+    assert len(sweeps) == 1, sweeps
+    losses = []
+    for job in ("0", "1"):
+        assert [r["step"] for r in read_metrics(sweeps[0] / job / "metrics.csv")] == [1, 2]
+        assert (sweeps[0] / job / "train_ddp_process_1.log").is_file()  # the job's own rank 1 logged here
+        losses.append(read_metrics(sweeps[0] / job / "metrics.csv")[-1]["val_loss"])
+    assert losses[0] != losses[1]  # two seeds

@@ -18,7 +18,9 @@ Lightning only joins them, so `trainer.devices` x `trainer.num_nodes` must equal
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +135,44 @@ def build_strategy(trainer_cfg: DictConfig):
 
         return DDPStrategy(find_unused_parameters=False)
     return "auto"
+
+
+LAUNCH_ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")  # what Lightning's launcher sets
+
+
+def lightning_starts_ranks(trainer_cfg: DictConfig, environ=os.environ) -> bool:
+    """Whether Lightning will start this node's other ranks itself (no SLURM, no torchrun)."""
+    externally = "LOCAL_RANK" in environ or bool(cluster_plugins())
+    return trainer_cfg.strategy != "auto" and devices_per_node(trainer_cfg) > 1 and not externally
+
+
+@contextlib.contextmanager
+def ranks_run_this_job_only(trainer_cfg: DictConfig, run_dir: str):
+    """In a multirun (`python train.py -m ... trainer=ddp`) each job's extra ranks must run that job.
+    Lightning starts them with this process's argv (the whole sweep, `-m` included) and Hydra's
+    run.dir: within this context they are the job's own overrides and run dir. After it the process
+    group is destroyed and the launcher's environment variables are put back, so the next job starts
+    its ranks afresh instead of waiting for the last job's."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import read_write
+
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and lightning_starts_ranks(trainer_cfg)):
+        yield
+        return
+    hydra_cfg, argv = HydraConfig.get(), sys.argv
+    environ = {key: os.environ.get(key) for key in LAUNCH_ENVIRONMENT}
+    sys.argv = [argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = str(run_dir)
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        for key, value in environ.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def cluster_plugins() -> list:

@@ -27,7 +27,7 @@ from trainer.loggers import build_loggers
 from trainer.metrics import MetricsCSV
 from trainer.module import LanguageModel
 from trainer.optimizers import build_optimizer
-from trainer.parallel import build_strategy, check_layout, cluster_plugins, world_size_of
+from trainer.parallel import build_strategy, check_layout, cluster_plugins, ranks_run_this_job_only, world_size_of
 from trainer.plan import make_plan
 from trainer.setting import setting_warnings
 
@@ -114,7 +114,8 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
         callbacks=chosen,
         default_root_dir=str(run_dir),
     )
-    trainer.fit(module, ckpt_path=str(checkpoint) if resume else None)
+    with ranks_run_this_job_only(cfg.trainer, cfg.run_dir):
+        trainer.fit(module, ckpt_path=str(checkpoint) if resume else None)
     return report(module.step_metrics.last_row, run_dir, started, resume, stopped_by=module.stopped_by)
 
 
