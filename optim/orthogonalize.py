@@ -91,16 +91,22 @@ def cpu_prefers_bfloat16(size: int = 512) -> bool:
     return choice
 
 
+@functools.cache
+def cuda_computes_bfloat16() -> bool:
+    """Whether this process's CUDA GPU has bfloat16 tensor cores (asked once; pre-Ampere GPUs emulate it slowly)."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 on CUDA; on a CPU bfloat16 where its bf16 matmul is clearly faster than
-    fp32 (cpu_prefers_bfloat16), else float32 (bf16 matmuls are ~400x slower on CPUs without
-    AVX-512 BF16 or AMX)."""
+    """'auto' is bfloat16 on a CUDA GPU that computes in it (Ampere and newer; float32 on older
+    ones); on a CPU bfloat16 where its bf16 matmul is clearly faster than fp32 (cpu_prefers_bfloat16),
+    else float32 (bf16 matmuls are ~400x slower on CPUs without AVX-512 BF16 or AMX)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     check_dtype(dtype)
     if dtype == "auto":
         if device.type == "cuda":
-            return torch.bfloat16
+            return torch.bfloat16 if cuda_computes_bfloat16() else torch.float32
         return torch.bfloat16 if device.type == "cpu" and cpu_prefers_bfloat16() else torch.float32
     return DTYPES[dtype]
 

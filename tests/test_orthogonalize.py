@@ -160,3 +160,16 @@ def test_auto_dtype_on_a_cpu_is_bf16_only_where_its_matmul_is_clearly_faster(mon
         assert capsys.readouterr().out.count(f"orthogonalizer dtype=auto: Newton–Schulz in {choice} on this CPU") == 1  # said once
     finally:
         orth.cpu_prefers_bfloat16.cache_clear()
+
+
+@pytest.mark.parametrize("supported,expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_takes_bfloat16_on_a_gpu_only_where_it_computes_in_it(monkeypatch, supported, expected):
+    """dtype=auto on CUDA: bf16 on Ampere and newer; fp32 on a V100/T4, whose bf16 is emulated."""
+    from optim import orthogonalize
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: supported and not including_emulation)
+    orthogonalize.cuda_computes_bfloat16.cache_clear()
+    try:
+        assert orthogonalize.resolve_dtype("auto", torch.device("cuda")) == expected
+    finally:
+        orthogonalize.cuda_computes_bfloat16.cache_clear()

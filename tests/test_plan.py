@@ -1,4 +1,6 @@
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 from trainer.errors import ConfigError
 from trainer.plan import make_plan
@@ -49,3 +51,34 @@ def test_all_problems_are_reported_together(make_cfg):
 def test_world_size_enters_the_divisibility_check(make_cfg):
     with pytest.raises(ConfigError, match=r"2 x 32 x 4 = 256"):
         make_plan(make_cfg(), world_size=4)
+
+
+def test_flops_per_token_count_the_attention_scores_as_nanogpt_does():
+    from models import build_model
+    from configs import compose
+    from trainer.throughput import flops_per_token
+
+    with torch.device("meta"):
+        model = build_model(OmegaConf.to_container(compose(["model=gpt2_125m"]).model))
+    # 6 N (85M hidden matrices + the tied 50257 x 768 head) + 12 L T d (nanoGPT's estimate_mfu: 12 * L * H * Q * T)
+    assert flops_per_token(model, 1024) == 6 * (84_934_656 + 50_257 * 768) + 12 * 12 * 1024 * 768
+
+
+@pytest.mark.parametrize("name,mixed,tflops", [
+    ("NVIDIA H100 80GB HBM3", True, 989), ("NVIDIA H100 80GB HBM3", False, 494), ("NVIDIA H100 PCIe", True, 756),
+    ("NVIDIA H200", True, 989), ("NVIDIA GH200 480GB", True, 989), ("NVIDIA A100-SXM4-80GB", True, 312),
+    ("NVIDIA A100 80GB PCIe", False, 156), ("NVIDIA L40S", True, 362), ("NVIDIA L4", True, 121),
+])
+def test_the_datasheet_peak_is_found_by_device_name(name, mixed, tflops):
+    from trainer.throughput import datasheet_peak_flops
+
+    assert datasheet_peak_flops(name, mixed) == tflops * 1e12
+
+
+def test_an_unknown_device_has_no_datasheet_peak_and_a_cpu_run_measures_it():
+    from trainer.throughput import datasheet_peak_flops, peak_flops
+
+    assert datasheet_peak_flops("Tesla T4", True) is None
+    assert peak_flops(torch.device("cpu"), "32-true", configured=2e12) == (2e12, "config")
+    flops, source = peak_flops(torch.device("cpu"), "32-true", configured=None)
+    assert source == "measured" and flops > 1e8

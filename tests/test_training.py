@@ -283,12 +283,13 @@ def test_compile_flag_compiles_the_model(make_cfg):
 
 
 def test_mfu_and_peak_memory_are_logged_per_step(make_cfg, tmp_path):
-    """mfu = 6 N tokens/s / peak with N = hidden matrices + head (trainer/throughput.py): gpt2_tiny has
-    98,304 hidden-matrix and 50,257 x 64 head parameters."""
+    """mfu = (6 N + 12 L T d) tokens/s / peak with N = hidden matrices + head (trainer/throughput.py): gpt2_tiny has
+    98,304 hidden-matrix and 50,257 x 64 head parameters, 2 layers of width 64, here at seq_len 32."""
     run(make_cfg("trainer.peak_flops=1e12"))
     table = rows(tmp_path / "run")
     for row in table:
-        assert row["mfu"] == pytest.approx(6 * (98_304 + 50_257 * 64) * row["tokens_per_s"] / 1e12, rel=1e-9)
+        assert row["mfu"] == pytest.approx((6 * (98_304 + 50_257 * 64) + 12 * 2 * 32 * 64) * row["tokens_per_s"] / 1e12, rel=1e-9)
+        assert row["peak_tflops_config"] == 1.0 and "peak_tflops_measured" not in row
     memory = [row["peak_memory_gb"] for row in table]
     assert memory == sorted(memory) and 0.05 < memory[0] < 24  # a peak never falls; a Python process with torch
 

@@ -12,16 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-from hydra.errors import InstantiationException
 import lightning as L
+import torch
+from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from data import open_dataset, validation_windows
 from models import build_model
-from trainer.errors import ConfigError
 from trainer.checkpoint import last_checkpoint_path, rows_to_resume, verify_checkpoint
+from trainer.errors import ConfigError
 from trainer.host_memory import keep_freed_memory
 from trainer.loggers import build_loggers
 from trainer.metrics import MetricsCSV
@@ -62,6 +63,8 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
     started = time.perf_counter()
     keep_freed_memory()
     check_layout(cfg.trainer)
+    if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu":
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls on TF32 tensor cores (as Lightning advises)
     for warning in setting_warnings(cfg):
         say(f"warning: {warning}")
     plan = make_plan(cfg, world_size_of(cfg.trainer))

@@ -16,7 +16,10 @@ import torch
 
 from trainer.metrics import MetricsCSV
 from trainer.plan import RunPlan
-from trainer.throughput import flops_per_token, measured_peak_flops, peak_memory_gb
+from trainer.throughput import flops_per_token, peak_flops, peak_memory_gb
+
+PEAK_SOURCES = {"config": "trainer.peak_flops", "datasheet": "the device's datasheet, dense tensor cores",
+                "measured": "measured on a matmul; trainer.peak_flops=<FLOP/s> sets a datasheet's"}
 
 
 class StepMetrics:
@@ -29,6 +32,7 @@ class StepMetrics:
         self._clock = 0.0
         self._clock_step = 0
         self._flops_per_token = self._peak_flops = float("nan")
+        self._peak_column: dict = {}
 
     def open_csv(self, rows: list[dict]) -> None:
         """metrics.csv, written anew with `rows` (a resumed run's rows up to its checkpoint)."""
@@ -40,15 +44,12 @@ class StepMetrics:
 
     def start(self, step: int, model: torch.nn.Module, device: torch.device, verbose: bool) -> None:
         """At train start: the FLOPs the mfu column counts, the devices' peak, and the clock."""
-        self._flops_per_token = flops_per_token(model) * self.plan.gradient_evals_per_step
-        peak = self.plan.peak_flops
-        if peak is None:
-            dtype = torch.bfloat16 if self.plan.bf16 else torch.float32
-            peak = measured_peak_flops(device, dtype)
-            if verbose:
-                print(f"peak {peak / 1e12:.3g} TFLOP/s per device, measured ({str(dtype).removeprefix('torch.')} matmul; "
-                      f"trainer.peak_flops=<FLOP/s> sets a datasheet's), for metrics.csv's mfu", flush=True)
-        self._peak_flops = float(peak) * self.plan.world_size
+        self._flops_per_token = flops_per_token(model, self.plan.seq_len) * self.plan.gradient_evals_per_step
+        peak, source = peak_flops(device, self.plan.precision, self.plan.peak_flops)
+        if verbose:
+            print(f"peak {peak / 1e12:.4g} TFLOP/s per device ({PEAK_SOURCES[source]}), for metrics.csv's mfu", flush=True)
+        self._peak_column = {f"peak_tflops_{source}": peak / 1e12}
+        self._peak_flops = peak * self.plan.world_size
         self.restart_clock(step)
 
     def is_step_boundary(self, step: int) -> bool:
@@ -69,7 +70,7 @@ class StepMetrics:
         row = {"tokens": self.plan.tokens_at(step), "step": step, "train_loss": train_loss, **lrs,
                "grad_norm": grad_norm, "grad_evals": step * self.plan.gradient_evals_per_step,
                "tokens_per_s": tokens_per_s, "mfu": self._flops_per_token * tokens_per_s / self._peak_flops,
-               "peak_memory_gb": peak_memory_gb(device), "elapsed_s": self.elapsed_s}
+               "peak_memory_gb": peak_memory_gb(device), "elapsed_s": self.elapsed_s, **self._peak_column}
         row.update(more() if more is not None else {})
         row.update(self._added)
         self._added = {}
