@@ -67,15 +67,6 @@ def test_multirun_sweep_gives_one_run_dir_per_job(tmp_path, cache_dir):
         assert f"optim: {optim}" in (tmp_path / "sweep" / job / ".hydra" / "hydra.yaml").read_text()
 
 
-def test_compile_true_trains_through_a_compiled_forward(tmp_path, cache_dir):
-    """compile=true: the model is torch.compile'd (inductor's C++ on CPU) and the run trains."""
-    result = run_cli("train.py", *TINY, "compile=true", "budget.tokens=640", f"paths.cache_dir={cache_dir}",
-                     f"run_dir={tmp_path / 'run'}", timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = read_metrics(tmp_path / "run" / "metrics.csv")
-    assert len(rows) == 5 and rows[-1]["train_loss"] < rows[0]["train_loss"]
-
-
 def test_a_multirun_of_lightning_launched_ranks_runs_each_job_once(tmp_path, cache_dir):
     """`python train.py -m trainer=ddp trainer.devices=2 seed=1,2` without SLURM: Lightning starts each job's second
     rank, and that rank runs its job, in its job's dir (before: it ran the whole sweep again, in a sweep dir of its own)."""
