@@ -144,3 +144,19 @@ def test_the_sbatch_template_runs_train_py_in_its_job_run_dir(tmp_path, cache_di
     out = (tmp_path / "job.out").read_text()
     assert "final val loss" in out, out[-3000:]
     assert [r["step"] for r in read_metrics(run_dir / "metrics.csv")] == [1, 2, 3, 4]
+
+
+def test_python_inside_an_sbatch_of_two_tasks_without_srun_stops_at_once(tmp_path, cache_dir, cluster):
+    """sbatch --ntasks=2 running `python train.py` directly: one process, the batch script, which would wait for
+    a second rank forever; it stops with what to do instead."""
+    script = tmp_path / "job.sh"
+    script.write_text(f"#!/bin/bash\ncd {ROOT}\n{sys.executable} train.py {' '.join(RUN)} trainer.strategy=ddp trainer.devices=2 "
+                      f"paths.cache_dir={cache_dir} run_dir={tmp_path / 'run'}\n")
+    out = tmp_path / "job.out"
+    done = subprocess.run(["sbatch", "--wait", "--ntasks=2", "--cpus-per-task=1", "--mem=2G", f"--output={out}", str(script)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode != 0
+    log = out.read_text()
+    assert ("error: SLURM allocated 2 tasks but started 1 process(es) here: `python train.py` inside an sbatch script runs "
+            "once") in log, log[-2000:]
+    assert "Traceback" not in log and not (tmp_path / "run" / "metrics.csv").exists()
