@@ -46,17 +46,20 @@ def per_step_counts(run_dir, ranks: int) -> list[list[dict]]:
     return [json.loads((run_dir / f"collectives.{rank}.json").read_text()) for rank in range(ranks)]
 
 
-def test_fsdp_reduces_gradients_once_per_step_and_equals_ddp_under_accumulation(tmp_path, cache_dir):
-    """2 micro-batches per rank per step: FSDP2 reduce-scatters each block's and the root's gradients once per step
-    (gpt2_tiny: 2 blocks + root = 3), not once per micro-batch, and still equals DDP."""
-    accumulated = ["data.micro_batch=4", *TEN_STEPS, *COUNT]  # 16 sequences per step = 2 ranks x 2 x 4
+@pytest.mark.parametrize("optim, gradients", [("muon", 1), ("mars_m_exact", 2)])
+def test_gradients_are_reduced_once_per_step_under_accumulation_and_equal_one_device(tmp_path, cache_dir, optim, gradients):
+    """2 micro-batches per rank per step: FSDP2 reduce-scatters each block's and the root's gradients once per
+    accumulated gradient (gpt2_tiny: 2 blocks + root = 3; exact MARS-M's look-ahead gradient is a second one), not
+    once per micro-batch, and DDP (whose two-pass step accumulates under no_sync) and FSDP equal one device."""
+    accumulated = [f"optim={optim}", "data.micro_batch=4", *TEN_STEPS, *COUNT]  # 16 sequences a step = 2 ranks x 2 x 4
     runs = {name: train(tmp_path / name, *accumulated, *STRATEGIES[name], cache_dir=cache_dir, env=COUNTING)
-            for name in ("ddp", "fsdp")}
+            for name in ("single", "ddp", "fsdp")}
     for key in ("train_loss", "val_loss", "grad_norm"):
+        assert max_relative_difference(runs["ddp"], runs["single"], key) <= 1e-5, key
         assert max_relative_difference(runs["fsdp"], runs["ddp"], key) <= 1e-5, key
     for steps in per_step_counts(tmp_path / "fsdp", ranks=2):
         assert [s["step"] for s in steps] == list(range(1, 11))
-        assert all(reduce_scatters(s) == 3 for s in steps), steps  # was 6: once per micro-batch
+        assert all(reduce_scatters(s) == 3 * gradients for s in steps), steps  # was twice that: once per micro-batch
 
 
 def reduce_scatters(counts: dict) -> int:

@@ -13,6 +13,7 @@ SECTIONS = ["## 1. Training steps, bf16 autocast, Muon", "## 2. Optimizer step /
             "## 5. FSDP2 on one rank", "## 6. Peak memory"]
 
 
+@pytest.mark.slow
 def test_the_gpu_benchmark_runs_every_section_on_a_cpu_at_toy_sizes(tmp_path):
     out = tmp_path / "gpu.md"
     result = run_cli("benchmarks/gpu.py", "--device", "cpu", "--tiny", "--out", str(out), timeout=600)

@@ -29,7 +29,8 @@ def compare_to_fp32(make_cfg, tmp_path, *overrides) -> dict[str, float]:
     return {key: largest_relative_difference(bf16, fp32, key) for key in ("train_loss", "val_loss")}
 
 
-@pytest.mark.parametrize("optim", ["muon", pytest.param("mars_m_exact", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("optim", ["muon", "mars_m_exact"])
 def test_bf16_mixed_precision_stays_within_bf16_rounding_of_fp32(make_cfg, tmp_path, optim):
     """CPU autocast runs the forward's matmuls in bf16 (the losses differ from fp32's, so it is on) and the
     weights, gradients and optimizer in fp32; exact MARS-M takes its look-ahead gradient under autocast too."""

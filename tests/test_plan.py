@@ -82,3 +82,25 @@ def test_an_unknown_device_has_no_datasheet_peak_and_a_cpu_run_measures_it():
     assert peak_flops(torch.device("cpu"), "32-true", configured=2e12) == (2e12, "config")
     flops, source = peak_flops(torch.device("cpu"), "32-true", configured=None)
     assert source == "measured" and flops > 1e8
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["budget.tokens=many"], "budget.tokens='many' is not an integer"),
+    (["data.seq_len=3.5"], "data.seq_len=3.5 is not an integer"),
+    (["eval.batch_tokens=lots"], "eval.batch_tokens='lots' is not an integer (or null)"),
+    (["grad_clip=big"], "grad_clip='big' is not a number (or null)"),
+    (["optim.lr=abc"], "optim.lr='abc' is not a number (optim.Muon's lr; its default: 0.001)"),
+    (["optim=adamw", "optim.aux.betas=[0.9,a]"], "optim.aux.betas=[0.9, 'a'] is not a list of 2 numbers"),
+    (["optim.matrix.nesterov=3"], "optim.matrix.nesterov=3 is not true or false"),
+])
+def test_values_that_are_not_numbers_are_named_where_they_are_set(make_cfg, overrides, message):
+    with pytest.raises(ConfigError) as error:
+        make_plan(make_cfg(*overrides), world_size=1)
+    assert message in str(error.value)
+
+
+def test_whole_floats_count_as_integers_and_a_file_is_no_run_dir(make_cfg, tmp_path):
+    assert make_plan(make_cfg("budget.tokens=2560.0"), world_size=1).total_steps == 20
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is a file: pass a directory"):
+        make_plan(make_cfg(run_dir=tmp_path / "file"), world_size=1)

@@ -99,10 +99,10 @@ class LanguageModel(L.LightningModule):
         return loss
 
     def _reduce_gradients(self, last: bool) -> contextlib.AbstractContextManager:
-        """Gradients cross ranks once per gradient, in the backward of its last micro-batch. FSDP2 (which
-        Lightning does not tell) accumulates the others unsharded, without communication; under DDP
-        Lightning's automatic optimization skips their all-reduce itself, and the two-pass step runs
-        them in the returned no_sync context."""
+        """Gradients cross ranks once per accumulated gradient (exact MARS-M takes two a step), in the
+        backward of its last micro-batch. FSDP2 is told here: Lightning's accumulation would let it
+        reduce-scatter every micro-batch. Under DDP Lightning's automatic optimization skips the other
+        micro-batches' all-reduce itself; the two-pass step runs them in the returned no_sync context."""
         if is_fsdp(self.model):
             self.model.set_requires_gradient_sync(last)
         elif not last and self.plan.lookahead and isinstance(self.trainer.model, DistributedDataParallel):

@@ -109,15 +109,15 @@ def check_devices(trainer_cfg: DictConfig, machine: Machine) -> None:
         if devices != "auto":
             raise ConfigError(f"trainer.devices={devices!r} must be a number of devices >= 1, a list of GPU indices, or auto")
         return
-    available = machine.cuda_devices if on_gpu else machine.cpu_cores
-    what = "CUDA device(s)" if on_gpu else "CPU core(s) (one process per device)"
-    if isinstance(devices, int) and devices < 1:
+    indices = None if isinstance(devices, int) else list(devices)  # a list names GPUs
+    wanted = devices if indices is None else len(indices)
+    if wanted < 1:
         raise ConfigError(f"trainer.devices={devices} must be >= 1 (or auto: every visible GPU, one process on a CPU)")
-    wanted = devices if isinstance(devices, int) else len(devices)
-    too_many = wanted > available or (not isinstance(devices, int) and on_gpu and max(devices, default=0) >= available)
-    if wanted < 1 or too_many:
-        raise ConfigError(f"trainer.devices={devices if isinstance(devices, int) else list(devices)} but this machine has "
-                          f"{available} {what}: use trainer.devices<={available} (per node; trainer.num_nodes for more)")
+    available = machine.cuda_devices if on_gpu else machine.cpu_cores
+    if wanted > available or (indices and on_gpu and max(indices) >= available):
+        what = "CUDA device(s)" if on_gpu else "CPU core(s) (one process per device)"
+        raise ConfigError(f"trainer.devices={indices or devices} but this machine has {available} {what}: "
+                          f"use trainer.devices<={available} (per node; trainer.num_nodes for more)")
     if on_gpu and precision.startswith("bf16") and not machine.bf16_gpu:
         raise ConfigError(f"trainer.precision={precision} needs bfloat16, which this GPU does not compute (pre-Ampere): "
                           f"use trainer.precision=16-mixed or 32-true")
@@ -170,7 +170,10 @@ def ranks_run_this_job_only(trainer_cfg: DictConfig, run_dir: str):
     finally:
         sys.argv = argv
         for key, value in environ.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
