@@ -75,7 +75,7 @@ class Sizes:
 FULL = Sizes(
     throughput=(("gpt2_125m", 1024, 16), ("llama_130m", 1024, 16)), warmup=3, repeats=10,
     matrices=GPT2_SMALL_MATRICES,
-    loop=("model=gpt2_mini", "budget.tokens=204800", "eval.every_tokens=51200"), loop_timeout_s=300,  # 200 steps of 1,024
+    loop=("model=gpt2_mini", "budget.tokens=204800", "eval.every_tokens=51200"), loop_timeout_s=180,  # 200 steps of 1,024
     evaluation=("llama_marin_1.2b", 4096, 4), step=("llama_1b", 256, 64),
 )
 TINY = Sizes(  # bf16 matmuls are ~20-400x slower than fp32 on CPUs without AVX-512 BF16: a few tokens each

@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_device.sh --fetch    # here, with PyPI: the pure-Python wheels Hydra needs into .whl/ (~0.5 MB)
 #   bash benchmarks/gpu_device.sh [args]     # there (carry .whl): installs them into /tmp/site, runs gpu.py [args],
-#                                            # and copies gpu.md and the log to $OUT when it is set
+#                                            # writing gpu.md and gpu.log into $OUT when it is set
 #
 # e.g. the device tool's run with carry [".whl"] and command `bash benchmarks/gpu_device.sh`, timeout 600 s.
 set -euo pipefail
@@ -23,9 +23,8 @@ if ! python3 -c 'import hydra, omegaconf' 2>/dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 nvidia-smi -L 2>/dev/null || true
+# straight into $OUT when set: gpu.py rewrites gpu.md after every section, so a run cut short still returns them
+out="${OUT:-benchmarks}"
 status=0
-python3 benchmarks/gpu.py "$@" 2>&1 | tee /tmp/gpu.log || status=$?
-if [ -n "${OUT:-}" ]; then
-  cp benchmarks/gpu.md /tmp/gpu.log "$OUT"/ 2>/dev/null || true
-fi
+python3 benchmarks/gpu.py --out "$out/gpu.md" "$@" 2>&1 | tee "${OUT:-/tmp}/gpu.log" || status=$?
 exit "$status"
