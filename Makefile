@@ -16,10 +16,10 @@ install-dev: ## install + the test tools
 train: install ## the default run: small GPT-2 on Shakespeare with Muon (~4 min on 2 CPU cores); ARGS="optim=adamw ..."
 	$(PY) train.py $(ARGS)
 
-test: install-dev ## the test suite (~9 min on 2 CPU cores), without the slow end-to-end runs
+test: install-dev ## the test suite (~11 min on 2 CPU cores), without the slow end-to-end runs
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
-test-slow: install-dev ## the slow end-to-end tests (~40 min: the default run, resume, DDP/FSDP parity, a real SLURM cluster)
+test-slow: install-dev ## the slow end-to-end tests (~42 min: the default run, resume, DDP/FSDP parity, a real SLURM cluster)
 	@scripts/install_slurm.sh
 	$(PY) -m pytest -m slow $(ARGS)
 
