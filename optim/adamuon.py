@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from optim.matrix import MatrixOptimizer
 from optim.orthogonalize import Orthogonalizer
-from optim.stages import AddDecayedWeights, Momentum, Orthogonalize, ScaleByLearningRate, ScaleToRms, SecondMoment, Sign
+from optim.stages import Momentum, Orthogonalize, ScaleToRms, SecondMoment, Sign
 
 
 class AdaMuon(MatrixOptimizer):
@@ -20,9 +20,8 @@ class AdaMuon(MatrixOptimizer):
         Ô_t = O_t ⊘ (sqrt(V_t) + ε)
         W_t = W_{t−1} (1 − η λ) − η · 0.2 sqrt(m n) Ô_t / (‖Ô_t‖_F + ε)   RMS alignment to 0.2
 
-    Stages: Momentum(nesterov) → Sign → Orthogonalize → SecondMoment(source="update") →
-    ScaleToRms(0.2) → AddDecayedWeights → ScaleByLearningRate: the RMS alignment takes the scale
-    rule's place, so there is no ``adjust_lr_fn``. Defaults from the code: β₂ = β = 0.95 (the code
+    Stages: Momentum(nesterov) → Sign → Orthogonalize → SecondMoment(source="update"), then the
+    update tail with ScaleToRms(0.2) as its scale: the RMS alignment takes the scale rule's place, so there is no ``adjust_lr_fn``. Defaults from the code: β₂ = β = 0.95 (the code
     uses the momentum's β for both), ε 1e-8 (both places), no bias correction, five Keller Jordan
     steps; weight decay 0.1 (the GPT-2 configs; the class default is 0.01).
     """
@@ -33,4 +32,4 @@ class AdaMuon(MatrixOptimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay,
                         momentum=momentum, beta2=beta2, eps=eps, orthogonalizer=orthogonalizer)
         stages = (Momentum(nesterov=nesterov), Sign(), Orthogonalize(), SecondMoment(source="update", namespace="update_moment"))
-        super().__init__(params, defaults, stages, tail=(ScaleToRms(0.2), AddDecayedWeights(), ScaleByLearningRate()))
+        super().__init__(params, defaults, stages, scale=ScaleToRms(0.2))

@@ -23,16 +23,19 @@ the result equals the single-device one (the owner runs the same computation on 
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 try:
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 except ImportError:  # a torch built without distributed support
-    dist, DTensor, Shard, distribute_tensor = None, (), None, None
+    dist, DTensor, Replicate, Shard, distribute_tensor = None, (), None, None, None
 
 # torch >= 2.6: slice the local shard out of an identical full tensor without communication
 _LOCAL_SLICE = {"src_data_rank": None} if distribute_tensor and "src_data_rank" in inspect.signature(distribute_tensor).parameters else {}
@@ -42,6 +45,45 @@ Orthogonalize = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 def gather_whole(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.full_tensor() if isinstance(t, DTensor) else t for t in tensors]
+
+
+def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each DTensor's local shard (a view: in-place ops on it change the DTensor), plain tensors as they are."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
+def like_dtensors(locals_: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Local results wrapped as DTensors of the same global shape and layout as `like`'s (plain ones as they are)."""
+    return [DTensor.from_local(t, ref.device_mesh, ref.placements, run_check=False, shape=ref.shape, stride=ref.stride())
+            if isinstance(ref, DTensor) else t for t, ref in zip(locals_, like)]
+
+
+def sum_over_row_shards(values: torch.Tensor, like: list[torch.Tensor]) -> torch.Tensor:
+    """`values` (computed from local row shards of the matrices `like`) summed over the ranks those rows are
+    sharded across: one all-reduce under FSDP2/HSDP, nothing for plain tensors."""
+    sharded = [t for t in like if isinstance(t, DTensor)]
+    if sharded:
+        if not _sharded_on_rows(sharded) or len(sharded) < len(like):
+            raise NotImplementedError("a mix of plain tensors and DTensors, or DTensors not sharded on rows over one "
+                                      f"mesh dimension (placements {sharded[0].placements})")
+        dist.all_reduce(values, group=sharded[0].device_mesh.get_group(row_shard_dim(sharded[0])))
+    return values
+
+
+def whole_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The Frobenius norm of each whole tensor, as 0-dim tensors on the device (no host sync). Row-sharded
+    DTensors (FSDP2, HSDP) take the norms of their local shards and one all-reduce of all the squares
+    over the shard group, not one collective per tensor; plain tensors need none."""
+    if not tensors:
+        return []
+    squares = torch.stack(torch._foreach_norm(local_tensors(tensors))).square()
+    return list(sum_over_row_shards(squares, tensors).sqrt().unbind())
+
+
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """‖(t_1, …, t_k)‖, the norm of all the whole tensors together (0-dim, on the device; one all-reduce
+    under FSDP2, none otherwise)."""
+    return torch.stack(whole_norms(tensors)).square().sum().sqrt()
 
 
 def shard_like(wholes: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -71,22 +113,45 @@ def shard_rows(n_rows: int, world_size: int) -> list[int]:
     return [max(0, min(n_rows, (r + 1) * chunk) - r * chunk) for r in range(world_size)]
 
 
-def orthogonalize_distributed(orthogonalize: Orthogonalize, updates: list[torch.Tensor],
-                              replicated_over=None) -> list[torch.Tensor]:
+Compute = Callable[..., Sequence[list[torch.Tensor]]]
+
+
+def orthogonalize_distributed(orthogonalize: Orthogonalize, updates: list[torch.Tensor], replicated_over=None,
+                              payload_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """`orthogonalize` (a list-in, list-out batched orthogonalizer) applied to `updates`, each matrix on
     its owner rank; results in the updates' dtypes and layouts. ``replicated_over``: the process group
-    (or ``dist.group.WORLD``) over which plain tensors are identical replicas (DDP), else None."""
-    if updates and all(isinstance(u, DTensor) for u in updates) and _sharded_on_rows(updates):
-        return _orthogonalize_fsdp(orthogonalize, updates)
-    if updates and any(isinstance(u, DTensor) for u in updates):  # other layouts: gather, orthogonalize here
-        return shard_like(_in_dtypes(orthogonalize(gather_whole(updates)), updates), updates)
-    if replicated_over is not None and dist.is_initialized() and dist.get_world_size(replicated_over) > 1:
-        return _orthogonalize_replicated(orthogonalize, updates, replicated_over)
-    return _in_dtypes(orthogonalize(updates), updates)
+    (or ``dist.group.WORLD``) over which plain tensors are identical replicas (DDP), else None.
+    ``payload_dtype``: the dtype matrices travel in, both ways: the orthogonalizer's compute dtype
+    (bf16 Newton–Schulz: half the bytes of fp32, and the same bits, as it casts its input first and
+    its output is in that dtype)."""
+    return on_owners(lambda wholes: (orthogonalize(wholes),), [updates], outputs_like=(0,), replicated_over=replicated_over,
+                     payload_dtype=payload_dtype)[0]
 
 
-def _in_dtypes(outputs: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [o.to(u.dtype) for o, u in zip(outputs, like)]
+def on_owners(compute: Compute, inputs: list[list[torch.Tensor]], outputs_like: Sequence[int], replicated_over=None,
+              payload_dtype: torch.dtype | None = None) -> list[list[torch.Tensor]]:
+    """Per-matrix work that needs whole matrices, each matrix on one owner rank.
+
+    `inputs` are fields, each a list with one tensor per matrix (e.g. [momenta, Qs]); `compute` gets,
+    for each field, the whole tensors of the matrices this rank owns, and returns output fields, lists
+    aligned with them. Output field k has the shapes and layout of input field `outputs_like[k]` and
+    comes back in its dtypes. FSDP2/HSDP row shards go to their owners in one all-to-all and the
+    outputs' rows come back in another; DDP replicas (``replicated_over``) are computed by their owners
+    and broadcast; otherwise everything is computed here. Tensors travel in `payload_dtype` (default:
+    the first input's)."""
+    first = inputs[0]
+    if first and all(isinstance(t, DTensor) for field in inputs for t in field) and _sharded_on_rows([t for f in inputs for t in f]):
+        return _on_owners_sharded(compute, inputs, outputs_like, payload_dtype)
+    if first and any(isinstance(t, DTensor) for field in inputs for t in field):  # other layouts: gather, compute here
+        outputs = _in_dtypes(compute(*[gather_whole(field) for field in inputs]), inputs, outputs_like)
+        return [shard_like(out, inputs[like]) for out, like in zip(outputs, outputs_like)]
+    if first and replicated_over is not None and dist.is_initialized() and dist.get_world_size(replicated_over) > 1:
+        return _on_owners_replicated(compute, inputs, outputs_like, replicated_over, payload_dtype)
+    return _in_dtypes(compute(*inputs), inputs, outputs_like)
+
+
+def _in_dtypes(outputs, inputs, outputs_like) -> list[list[torch.Tensor]]:
+    return [[o.to(t.dtype) for o, t in zip(out, inputs[like])] for out, like in zip(outputs, outputs_like)]
 
 
 def row_shard_dim(t: torch.Tensor) -> int | None:
@@ -104,52 +169,77 @@ def _sharded_on_rows(updates: list[torch.Tensor]) -> bool:
     return dim is not None and all(u.device_mesh == updates[0].device_mesh and row_shard_dim(u) == dim for u in updates)
 
 
-def _owned(orthogonalize: Orthogonalize, wholes: dict[int, torch.Tensor], like: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-    out = orthogonalize(list(wholes.values()))
-    return {j: o.to(like[j].dtype) for j, o in zip(wholes, out)}
+@dataclass(frozen=True)
+class OwnerPlan:
+    """Who owns which matrix and how many numbers of each field each rank holds: computed once per shape
+    signature (every step of a run has the same) and world size."""
+
+    owners: tuple[int, ...]
+    owned: tuple[tuple[int, ...], ...]  # owned[o]: the matrices rank o owns, in matrix order
+    rows: tuple[tuple[tuple[int, ...], ...], ...]  # rows[f][j][r]: rank r's rows of field f's tensor j
+    starts: tuple[tuple[tuple[int, ...], ...], ...]  # starts[f][j][r]: the first of them
+    row_numel: tuple[tuple[int, ...], ...]  # row_numel[f][j]: numbers in one row of field f's tensor j
+
+    def numel(self, fields: Sequence[int], matrices: Sequence[int], rank: int) -> int:
+        """Numbers rank `rank` holds of `fields` of `matrices`."""
+        return sum(self.rows[f][j][rank] * self.row_numel[f][j] for j in matrices for f in fields)
 
 
-def _orthogonalize_fsdp(orthogonalize: Orthogonalize, updates: list[torch.Tensor]) -> list[torch.Tensor]:
+@functools.lru_cache(maxsize=64)
+def owner_plan(shapes: tuple[tuple[tuple[int, ...], ...], ...], world: int) -> OwnerPlan:
+    """shapes[f][j]: the shape of field f's tensor of matrix j; owners by field 0's Newton–Schulz cost."""
+    owners = tuple(assign_owners(shapes[0], world))
+    rows = tuple(tuple(tuple(shard_rows(shape[0], world)) for shape in field) for field in shapes)
+    starts = tuple(tuple(tuple(sum(r[:k]) for k in range(world)) for r in field) for field in rows)
+    return OwnerPlan(owners=owners, owned=tuple(tuple(j for j, o in enumerate(owners) if o == r) for r in range(world)),
+                     rows=rows, starts=starts, row_numel=tuple(tuple(math.prod(s[1:]) for s in field) for field in shapes))
+
+
+def _on_owners_sharded(compute: Compute, inputs, outputs_like, payload_dtype) -> list[list[torch.Tensor]]:
     """Row shards to their owners and back, within the mesh dimension the rows are sharded over (under
     HSDP each replica group does the same work on the same values)."""
-    mesh, dim = updates[0].device_mesh, row_shard_dim(updates[0])
+    first = inputs[0][0]
+    mesh, dim = first.device_mesh, row_shard_dim(first)
     group, world, rank = mesh.get_group(dim), mesh.size(dim), mesh.get_local_rank(dim)
-    shapes = [tuple(u.shape) for u in updates]
-    owners = assign_owners(shapes, world)
-    rows = [shard_rows(m, world) for m, _ in shapes]
-    locals_ = [u.to_local().contiguous() for u in updates]
-    device, dtype = locals_[0].device, locals_[0].dtype
-    mine = [j for j in range(len(updates)) if owners[j] == rank]
+    plan = owner_plan(tuple(tuple(tuple(t.shape) for t in field) for field in inputs), world)
+    locals_ = [[t.to_local() for t in field] for field in inputs]
+    device, dtype = locals_[0][0].device, payload_dtype or first.dtype
+    fields, mine = range(len(inputs)), plan.owned[rank]
 
-    # 1. to the owners: rank r's rows of every matrix owned by o, in matrix order
-    send = [torch.cat([locals_[j].reshape(-1).to(dtype) for j in range(len(updates)) if owners[j] == o] or
-                      [torch.empty(0, device=device, dtype=dtype)]) for o in range(world)]
-    receive_sizes = [sum(rows[j][r] * shapes[j][1] for j in mine) for r in range(world)]
-    received = _all_to_all(send, receive_sizes, group, device, dtype)
-    wholes = {}
-    offsets = [0] * world
+    # 1. to the owners: this rank's rows of every field of every matrix owned by o, in matrix order
+    send = [_flat([locals_[f][j] for j in plan.owned[o] for f in fields], device, dtype) for o in range(world)]
+    received = _all_to_all(send, [plan.numel(fields, mine, r) for r in range(world)], group, device, dtype)
+    wholes, offsets = [[] for _ in fields], [0] * world
     for j in mine:
-        pieces = []
-        for r in range(world):
-            size = rows[j][r] * shapes[j][1]
-            pieces.append(received[r][offsets[r]:offsets[r] + size].view(rows[j][r], shapes[j][1]))
-            offsets[r] += size
-        wholes[j] = torch.cat(pieces).to(updates[j].dtype)
+        for f in fields:
+            shape, pieces = inputs[f][j].shape, []
+            for r in range(world):
+                size = plan.rows[f][j][r] * plan.row_numel[f][j]
+                pieces.append(received[r][offsets[r]:offsets[r] + size].view(plan.rows[f][j][r], *shape[1:]))
+                offsets[r] += size
+            wholes[f].append(torch.cat(pieces))
 
-    # 2. the owner orthogonalizes its matrices; 3. back to every rank, its own rows
-    results = _owned(orthogonalize, wholes, updates)
-    starts = [[sum(rows[j][:r]) for r in range(world)] for j in range(len(updates))]
-    send = [torch.cat([results[j][starts[j][r]:starts[j][r] + rows[j][r]].reshape(-1).to(dtype) for j in mine] or
-                      [torch.empty(0, device=device, dtype=dtype)]) for r in range(world)]
-    receive_sizes = [sum(rows[j][rank] * shapes[j][1] for j in range(len(updates)) if owners[j] == o) for o in range(world)]
-    received = _all_to_all(send, receive_sizes, group, device, dtype)
-    out, offsets = [], [0] * world
-    for j, u in enumerate(updates):
-        o, size = owners[j], rows[j][rank] * shapes[j][1]
-        local = received[o][offsets[o]:offsets[o] + size].view(rows[j][rank], shapes[j][1]).to(u.dtype)
-        offsets[o] += size
-        out.append(DTensor.from_local(local, mesh, u.placements, run_check=False, shape=u.shape, stride=u.stride()))
-    return out
+    # 2. the owner computes; 3. back to every rank, its own rows of each output
+    outputs = compute(*wholes)
+    out_fields = range(len(outputs_like))
+    send = [_flat([outputs[k][i][plan.starts[outputs_like[k]][j][r]:][:plan.rows[outputs_like[k]][j][r]]
+                   for i, j in enumerate(mine) for k in out_fields], device, dtype) for r in range(world)]
+    sizes = [sum(plan.numel([outputs_like[k]], [j], rank) for j in plan.owned[o] for k in out_fields) for o in range(world)]
+    received = _all_to_all(send, sizes, group, device, dtype)
+    results, offsets = [[None] * len(inputs[0]) for _ in out_fields], [0] * world
+    for j, o in enumerate(plan.owners):
+        for k in out_fields:
+            ref = inputs[outputs_like[k]][j]
+            size = plan.rows[outputs_like[k]][j][rank] * plan.row_numel[outputs_like[k]][j]
+            local = received[o][offsets[o]:offsets[o] + size].view(plan.rows[outputs_like[k]][j][rank], *ref.shape[1:])
+            offsets[o] += size
+            results[k][j] = DTensor.from_local(local.to(ref.dtype), mesh, ref.placements, run_check=False, shape=ref.shape,
+                                               stride=ref.stride())
+    return results
+
+
+def _flat(tensors: list[torch.Tensor], device, dtype) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).to(dtype) for t in tensors]) if tensors else torch.empty(0, device=device, dtype=dtype)
 
 
 def _all_to_all(send: list[torch.Tensor], receive_sizes: list[int], group, device, dtype) -> list[torch.Tensor]:
@@ -159,23 +249,32 @@ def _all_to_all(send: list[torch.Tensor], receive_sizes: list[int], group, devic
     return list(output.split(receive_sizes))
 
 
-def _orthogonalize_replicated(orthogonalize: Orthogonalize, updates: list[torch.Tensor], group) -> list[torch.Tensor]:
+def _on_owners_replicated(compute: Compute, inputs, outputs_like, group, payload_dtype) -> list[list[torch.Tensor]]:
+    """Replicas (DDP): each owner computes its matrices, then broadcasts all their outputs as one flat
+    buffer (gloo's all_gather was 6x slower than broadcasts of the same bytes on CPU; on NCCL the two
+    move the same volume)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    owners = assign_owners([tuple(u.shape) for u in updates], world)
-    results = _owned(orthogonalize, {j: u for j, u in enumerate(updates) if owners[j] == rank}, updates)
-    dtype, device = updates[0].dtype, updates[0].device
-    sizes = [sum(updates[j].numel() for j in range(len(updates)) if owners[j] == r) for r in range(world)]
-    # each owner broadcasts its results as one flat buffer (gloo's all_gather was 6x slower than
-    # broadcasts of the same bytes on CPU; on NCCL the two move the same volume)
-    flat = [torch.empty(sizes[r], device=device, dtype=dtype) for r in range(world)]
-    if results:
-        torch.cat([o.reshape(-1).to(dtype) for o in results.values()], out=flat[rank])
+    plan = owner_plan(tuple(tuple(tuple(t.shape) for t in field) for field in inputs), world)
+    first = inputs[0][0]
+    device, dtype = first.device, payload_dtype or first.dtype
+    mine = plan.owned[rank]
+    outputs = compute(*[[field[j] for j in mine] for field in inputs])
+    out_fields = range(len(outputs_like))
+    numel = lambda j, k: inputs[outputs_like[k]][j].numel()  # noqa: E731
+    flat = [torch.empty(sum(numel(j, k) for j in plan.owned[r] for k in out_fields), device=device, dtype=dtype)
+            for r in range(world)]
+    if mine:
+        torch.cat([outputs[k][i].reshape(-1).to(dtype) for i in range(len(mine)) for k in out_fields], out=flat[rank])
     for r in range(world):
-        if sizes[r]:
+        if flat[r].numel():
             dist.broadcast(flat[r], src=dist.get_global_rank(group, r), group=group)
-    out, offsets = [], [0] * world
-    for j, u in enumerate(updates):
-        o = owners[j]
-        out.append(results[j] if o == rank else flat[o][offsets[o]:offsets[o] + u.numel()].view_as(u).to(u.dtype))
-        offsets[o] += u.numel()
-    return out
+    results, offsets = [[None] * len(inputs[0]) for _ in out_fields], [0] * world
+    for j, o in enumerate(plan.owners):
+        for k in out_fields:
+            ref = inputs[outputs_like[k]][j]
+            if o == rank:
+                results[k][j] = outputs[k][mine.index(j)].to(ref.dtype)
+            else:
+                results[k][j] = flat[o][offsets[o]:offsets[o] + ref.numel()].view_as(ref).to(ref.dtype)
+            offsets[o] += ref.numel()
+    return results

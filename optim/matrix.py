@@ -1,6 +1,6 @@
 """What every matrix optimizer shares: 2-D parameters, a pipeline of stages (optim/stages.py) that
 turns the gradient into a direction D, then the update tail (an update-scale rule, decoupled weight
-decay and the lr, stages too).
+decay and the lr, applied in place in one pass: optim/stages.py's apply_update_).
 
 For each matrix W of shape (m, n) in PyTorch layout (m = fan_out, n = fan_in):
 
@@ -24,7 +24,7 @@ import torch
 from torch.optim import Optimizer
 
 from optim.orthogonalize import Orthogonalizer
-from optim.stages import UPDATE_TAIL, Stage, Step, update_scale
+from optim.stages import ScaleByShape, Stage, Step, UpdateScale, apply_update_, update_scale
 
 # hyperparameter -> (lowest, highest, highest included?)
 RANGES = {
@@ -69,13 +69,14 @@ def constructor_defaults(cls: type) -> dict:
 
 
 class MatrixOptimizer(Optimizer):
-    """A torch.optim.Optimizer over 2-D matrices that runs `stages`, then `tail` (the scale rule, the
-    weight decay and the lr: UPDATE_TAIL), on each group's gradients and adds the result to W."""
+    """A torch.optim.Optimizer over 2-D matrices that runs `stages` on each group's gradients, then the
+    update tail with the scale rule `scale` (optim/stages.py's apply_update_: W ← W (1 − η λ) − η s D)."""
 
-    def __init__(self, params, defaults: dict, stages: Sequence[Stage], tail: Sequence[Stage] = UPDATE_TAIL):
+    def __init__(self, params, defaults: dict, stages: Sequence[Stage], scale: UpdateScale = ScaleByShape()):
         super().__init__(params, defaults)
-        self.stages = tuple(stages) + tuple(tail)
+        self.stages, self.scale = tuple(stages), scale
         self.replicated_over = None
+        self._counts: dict[torch.Tensor, tuple[torch.Tensor, int]] = {}  # see _advance_counts
         orthogonalizer = constructor_defaults(type(self)).get("orthogonalizer")  # Muon²'s has 3 steps
         for group in self.param_groups:
             check_group(type(self).__name__, group, orthogonalizer)
@@ -86,6 +87,21 @@ class MatrixOptimizer(Optimizer):
                         f"{tuple(p.shape)} (route embeddings' neighbours, norms and biases to AdamW)"
                     )
 
+    def _advance_counts(self, params: list[torch.Tensor]) -> list[int]:
+        """Each matrix's update count t, this step included. state["step"] (a CPU tensor, as in torch's
+        optimizers) is what checkpoints keep; a host copy beside it spares every step a read of it,
+        which is taken again only after the state was replaced (a checkpoint loaded)."""
+        counts = []
+        for p in params:
+            state = self.state[p]
+            tensor, count = self._counts.get(p, (None, 0))
+            if tensor is None or state.get("step") is not tensor:
+                count = int(state["step"]) if "step" in state else 0
+            state["step"] = torch.tensor(float(count + 1))
+            self._counts[p] = (state["step"], count + 1)
+            counts.append(count + 1)
+        return counts
+
     def split_orthogonalization(self, process_group=None) -> None:
         """Declare the parameters identical replicas over `process_group` (default: the world), as under
         DDP: each rank then orthogonalizes its share of the matrices and broadcasts the results
@@ -94,19 +110,17 @@ class MatrixOptimizer(Optimizer):
 
         self.replicated_over = process_group if process_group is not None else dist.group.WORLD
 
-    def directions(self, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Run the stages on the group's gradients (the result is W's increment); advances each
-        matrix's step count."""
+    def directions(self, group: dict, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list]:
+        """Run the stages on the group's gradients: the direction D of each matrix, and the scale rule's
+        s for each; advances each matrix's step count."""
         states = [self.state[p] for p in params]
-        for state in states:
-            state["step"] = state.get("step", torch.tensor(0.0)) + 1
         grads = [p.grad for p in params]
-        step = Step(group=group, params=params, grads=grads, states=states, counts=[int(s["step"].item()) for s in states],
+        step = Step(group=group, params=params, grads=grads, states=states, counts=self._advance_counts(params),
                     replicated_over=self.replicated_over)
         updates = grads
         for stage in self.stages:
             updates = stage(updates, step)
-        return updates
+        return updates, self.scale(updates, step)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -118,6 +132,5 @@ class MatrixOptimizer(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            for p, update in zip(params, self.directions(group, params)):
-                p.add_(update.to(p.dtype))
+            apply_update_(params, *self.directions(group, params), group)
         return loss

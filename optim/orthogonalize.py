@@ -275,6 +275,10 @@ class Orthogonalizer:
         """The fields as a plain dict (what a param group and its checkpoint hold)."""
         return asdict(self)
 
+    def compute_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The dtype Newton–Schulz computes in on `device` (None for the SVD, which takes its input as it is)."""
+        return resolve_dtype(self.dtype, device) if self.method == "newton_schulz" else None
+
     @functools.cached_property
     def triples(self) -> tuple[tuple[float, float, float], ...]:
         return resolve_coefficients(self.coefficients)

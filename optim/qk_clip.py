@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from optim.distributed import DTensor, dist, row_shard_dim, shard_rows
+from optim.distributed import DTensor, row_shard_dim, shard_rows
 
 
 class QKClip:
@@ -34,25 +34,40 @@ class QKClip:
         for layer in self.layers:
             layer.track_max_logits = True
 
-    @torch.no_grad()
-    def __call__(self) -> dict[str, float]:
-        """Clip after a step; returns the step's largest logit per layer and head, and overall."""
+    def take_maxima(self) -> torch.Tensor | None:
+        """(layers, heads): each head's largest logit in the training forwards since the last call, on
+        this rank (None if there was none). Combined over ranks by the caller (trainer/step_summary.py)."""
         seen = [layer.pop_max_logits() for layer in self.layers]
-        if any(s is None for s in seen):  # no training forward since the last step
-            return {}
-        maxima = torch.stack(seen)  # (layers, heads)
-        if dist is not None and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-        gammas = clip_factors(maxima, self.threshold)
+        return None if any(s is None for s in seen) else torch.stack(seen)
+
+    @torch.no_grad()
+    def clip(self, maxima: torch.Tensor) -> None:
+        """Scale the q/k rows of every head whose largest logit (`maxima`, the max over ranks) passed τ,
+        after the step's update. Computed on the device without reading anything back: heads under τ
+        are multiplied by 1 (exact)."""
+        gammas = clip_factors(maxima, self.threshold).sqrt()
         for layer, gamma in zip(self.layers, gammas):
-            if bool((gamma < 1).any()):
-                for param, heads in layer.qk_row_heads():
-                    factors = torch.where(heads >= 0, gamma.sqrt().cpu()[heads.clamp(min=0)], torch.ones(()))
-                    scale_rows_(param, factors.to(param.device, param.dtype))
-        out = {"qk_max_logit": maxima.max().item()}
-        for i, row in enumerate(maxima.tolist()):
-            out.update({f"qk_logit/l{i}h{h}": value for h, value in enumerate(row)})
-        return out
+            for param, heads in layer.qk_row_heads():
+                heads = heads.to(gamma.device, non_blocking=True)
+                factors = torch.where(heads >= 0, gamma[heads.clamp(min=0)], torch.ones((), device=gamma.device))
+                scale_rows_(param, factors.to(param.dtype))
+
+    def __call__(self) -> dict[str, float]:
+        """Clip after a step on one process (no ranks to combine); returns the step's largest logit per
+        layer and head, and overall."""
+        maxima = self.take_maxima()
+        if maxima is None:  # no training forward since the last step
+            return {}
+        self.clip(maxima)
+        return logit_columns(maxima.tolist())
+
+
+def logit_columns(maxima: list[list[float]]) -> dict[str, float]:
+    """metrics.csv's QK-clip columns: the largest logit overall, and per layer and head."""
+    out = {"qk_max_logit": max(max(row) for row in maxima)}
+    for i, row in enumerate(maxima):
+        out.update({f"qk_logit/l{i}h{h}": value for h, value in enumerate(row)})
+    return out
 
 
 def clip_factors(maxima: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -24,17 +24,16 @@ stage's fields.
     LowRankOrthogonalize   Dion's rank-r power iteration with error feedback on M ← M + G   Dion
     NeuronNormalize        v ← β₂ v + (1−β₂) mean_j(X²) ∈ R^m;  X / (sqrt(v) + ε), rescaled
                            to ‖X‖_F                                                         NorMuon
-    ScaleByShape           s(m, n) X, s = the group's ``adjust_lr_fn`` (optim/matrix.py)
-    ScaleToRms             ρ sqrt(m n) X / (‖X‖_F + ε)   (RMS ρ; instead of ScaleByShape)   AdaMuon
-    AddDecayedWeights      X + λ W, or X + λ W ⊙ 1[X ⊙ W > 0] (cautious_weight_decay)
-    ScaleByLearningRate    −η X                                  (then W ← W + X)
+
+The update tail (`apply_update_`, one in-place pass over the group): a scale rule s (ScaleByShape, or
+a variant's own: AdaMuon's ScaleToRms), decoupled weight decay λ and the lr η:
+
+    ScaleByShape           s = s(m, n), the group's ``adjust_lr_fn`` (optim/matrix.py)
+    ScaleToRms             s = ρ sqrt(m n) / (‖D‖_F + ε)   (RMS ρ)                          AdaMuon
+    W ← W (1 − η λ) − η s D,  or W − η λ W ⊙ 1[D ⊙ W > 0] − η s D (cautious_weight_decay)
 
 Stage order is the pipeline: [Momentum, Orthogonalize] is pre-polar (Muon), [Orthogonalize,
-Momentum] post-polar, [Orthogonalize] polar-only. `MatrixOptimizer` appends the update tail
-`UPDATE_TAIL` = [ScaleByShape, AddDecayedWeights, ScaleByLearningRate] unless a variant brings its
-own scale (AdaMuon: ScaleToRms in place of ScaleByShape):
-
-    W ← W − η (s(m, n) D + λ W)  =  W (1 − η λ) − η s(m, n) D      decoupled decay with the unscaled η
+Momentum] post-polar, [Orthogonalize] polar-only.
 """
 
 from __future__ import annotations
@@ -45,7 +44,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from optim.distributed import gather_whole, orthogonalize_distributed, shard_like
+from optim.distributed import (DTensor, Replicate, distribute_tensor, like_dtensors, local_tensors, on_owners,
+                               orthogonalize_distributed, shard_like, sum_over_row_shards, whole_norms)
 from optim.orthogonalize import Orthogonalizer
 
 
@@ -153,9 +153,8 @@ class MarsCorrection(Stage):
         else:
             for previous, g in zip(last, updates):  # (no _foreach_copy_ for FSDP's DTensors)
                 previous.copy_(g)
-        if self.clip:
-            norms = torch._foreach_norm(corrected)
-            torch._foreach_mul_(corrected, [1.0 / n.clamp(min=1.0) for n in norms])
+        if self.clip:  # the norms of whole matrices, from shards with one all-reduce under FSDP
+            torch._foreach_mul_(local_tensors(corrected), [1.0 / n.clamp(min=1.0) for n in whole_norms(corrected)])
         return corrected
 
 
@@ -249,10 +248,11 @@ class NoiseToSignal(Stage):
 
 
 def rescale_to_norm_of_(tensors: list[Tensor], reference: list[Tensor]) -> None:
-    """tensors[i] ← tensors[i] · ‖reference[i]‖_F / ‖tensors[i]‖_F, in place."""
-    ratios = [a / b.clamp(min=torch.finfo(b.dtype).tiny) for a, b in
-              zip(torch._foreach_norm(reference), torch._foreach_norm(tensors))]
-    torch._foreach_mul_(tensors, ratios)
+    """tensors[i] ← tensors[i] · ‖reference[i]‖_F / ‖tensors[i]‖_F, in place (whole-matrix norms: one
+    all-reduce for all of them under FSDP)."""
+    norms = whole_norms([*reference, *tensors])
+    ratios = [a / b.clamp(min=torch.finfo(b.dtype).tiny) for a, b in zip(norms[:len(tensors)], norms[len(tensors):])]
+    torch._foreach_mul_(local_tensors(tensors), ratios)
 
 
 @dataclass(frozen=True)
@@ -284,23 +284,49 @@ class SecondMoment(Stage):
         beta2, eps = step.group["beta2"], step.group["eps"]
         observed = step.grads if self.source == "gradient" else updates
         if self.factored:
-            squared = torch._foreach_mul(observed, observed)
-            rows = [(g2 + self.eps1).mean(dim=-1) for g2 in squared]
-            cols = [(g2 + self.eps1).mean(dim=-2) for g2 in squared]
-            row_moment, col_moment = self.state(step, "row", rows), self.state(step, "col", cols)
-            torch._foreach_lerp_(row_moment, rows, 1.0 - beta2)
-            torch._foreach_lerp_(col_moment, cols, 1.0 - beta2)
-            denominator = [factored_estimate(r, c) for r, c in zip(row_moment, col_moment)]
-            torch._foreach_sqrt_(denominator)
+            denominator = self._factored_sqrt(step)
         else:  # V ← β₂ V + (1 − β₂) Y², in place
             second = self.state(step, "v", observed)
             torch._foreach_mul_(second, beta2)
             torch._foreach_addcmul_(second, observed, observed, value=1.0 - beta2)
-            denominator = torch._foreach_sqrt(second)
+            denominator = torch._foreach_sqrt(local_tensors(second))
         torch._foreach_add_(denominator, eps)
         torch._foreach_reciprocal_(denominator)
-        torch._foreach_mul_(denominator, updates)  # X / (sqrt(V) + ε), in the one fresh buffer
+        torch._foreach_mul_(denominator, local_tensors(updates))  # X / (sqrt(V) + ε), in the one fresh buffer
+        return like_dtensors(denominator, updates)
+
+    def _factored_sqrt(self, step: Step) -> list[Tensor]:
+        """sqrt(V̂) of every matrix, local rows. A row shard (FSDP2) has whole rows, so r is its own; c and
+        mean(r) sum over the shards: all of them in one all-reduce. The states keep the layout of a
+        parameter's rows: r sharded like them, c whole on every rank."""
+        beta2, grads = step.group["beta2"], step.grads
+        squared = [g * g + self.eps1 for g in local_tensors(grads)]
+        row_moment = local_tensors(self._moments(step, "row", [g.shape[0] for g in grads], sharded=True))
+        col_moment = local_tensors(self._moments(step, "col", [g.shape[1] for g in grads], sharded=False))
+        torch._foreach_lerp_(row_moment, [g2.mean(dim=-1) for g2 in squared], 1.0 - beta2)
+        sums = torch.cat([torch.cat([g2.sum(dim=-2), r.sum().view(1)]) for g2, r in zip(squared, row_moment)])
+        sums = sum_over_row_shards(sums, grads).split([g.shape[1] + 1 for g in grads])
+        denominator = []
+        for g, r, c, total in zip(grads, row_moment, col_moment, sums):
+            m = g.shape[0]
+            c.lerp_(total[:-1] / m, 1.0 - beta2)
+            denominator.append(torch.outer(r, c) / (total[-1] / m))  # V̂ = r cᵀ / mean(r)
+        torch._foreach_sqrt_(denominator)
         return denominator
+
+    def _moments(self, step: Step, name: str, sizes: list[int], sharded: bool) -> list[Tensor]:
+        """The factored statistics `name`, zeros on first use: vectors of `sizes`, under FSDP2 DTensors
+        sharded like the gradients' rows (`sharded`) or whole on every rank."""
+        key = f"{self.namespace}/{name}"
+        for i, state in enumerate(step.states):
+            if key not in state:
+                zeros = torch.zeros(sizes[i], device=step.grads[i].device, dtype=step.grads[i].dtype)
+                ref = step.grads[i]
+                if isinstance(ref, DTensor):
+                    placements = ref.placements if sharded else [Replicate()] * ref.device_mesh.ndim
+                    zeros = distribute_tensor(zeros, ref.device_mesh, placements)
+                state[key] = zeros
+        return [state[key] for state in step.states]
 
 
 def factored_estimate(row: Tensor, col: Tensor) -> Tensor:
@@ -339,10 +365,12 @@ class Orthogonalize(Stage):
     whole on one owner rank (optim/distributed.py)."""
 
     def __call__(self, updates, step):
-        orthogonalize = orthogonalizer_of(step.group).apply_all
+        orthogonalizer = orthogonalizer_of(step.group)
+        orthogonalize = orthogonalizer.apply_all
         if step.group.get("head_split") is not None:
             orthogonalize = per_head(orthogonalize, *step.group["head_split"])
-        return orthogonalize_distributed(orthogonalize, updates, step.replicated_over)
+        payload = orthogonalizer.compute_dtype(updates[0].device) if updates else None
+        return orthogonalize_distributed(orthogonalize, updates, step.replicated_over, payload_dtype=payload)
 
 
 def orthogonalizer_of(group: dict) -> Orthogonalizer:
@@ -373,8 +401,10 @@ class LowRankOrthogonalize(Stage):
 
     μ = group["momentum"], ε = group["eps"], r = ceil(rank_fraction · min(m, n)). Q starts as a
     standard normal matrix from a generator seeded with the matrix's position in its group, so that
-    every DDP replica starts alike. FSDP2 shards are gathered and the new M re-sharded. State:
-    ``dion/momentum``, ``dion/q``."""
+    every DDP replica starts alike. Same-shaped matrices iterate as one batch, each matrix on one owner
+    rank (optim/distributed.py, ``on_owners``): under FSDP2 the rows of M and Q go to the owner and the
+    rows of the new M, the new Q and D come back (two all-to-alls a step); DDP owners broadcast theirs.
+    State: ``dion/momentum``, ``dion/q`` (under FSDP2 both sharded by rows)."""
 
     rank_fraction: float = 1.0
     namespace: str = "dion"
@@ -387,22 +417,43 @@ class LowRankOrthogonalize(Stage):
         mu, eps = step.group["momentum"], step.group["eps"]
         buffers = self.state(step, "momentum", updates)
         torch._foreach_add_(buffers, updates)
-        out = []
-        for index, (state, M_local) in enumerate(zip(step.states, buffers)):
-            M = gather_whole([M_local])[0]
-            key = f"{self.namespace}/q"
+        starts = self._starting_q(step, buffers)
+        iterate = lambda Ms, Qs: power_iteration(Ms, Qs, mu, eps)  # noqa: E731
+        directions, momenta, qs = on_owners(iterate, [buffers, starts], outputs_like=(0, 0, 1),
+                                            replicated_over=step.replicated_over)
+        torch._foreach_copy_(local_tensors(buffers), local_tensors(momenta))
+        torch._foreach_copy_(local_tensors(starts), local_tensors(qs))
+        return directions
+
+    def _starting_q(self, step: Step, buffers: list[Tensor]) -> list[Tensor]:
+        """Each matrix's Q (n × r), first a standard normal draw seeded with its position in the group (the
+        same on every rank); under FSDP2 sharded by rows like the momentum."""
+        key = f"{self.namespace}/q"
+        for index, (state, M) in enumerate(zip(step.states, buffers)):
             if key not in state:
                 rank = math.ceil(self.rank_fraction * min(M.shape))
                 generator = torch.Generator(device=M.device).manual_seed(index)
-                state[key] = torch.randn(M.shape[1], rank, generator=generator, device=M.device, dtype=M.dtype)
-            Q = state[key]
-            P, _ = torch.linalg.qr(M @ Q)
-            R = M.T @ P
-            M = M - (1.0 - mu) * (P @ R.T)
-            Q.copy_(R / (R.norm(dim=0, keepdim=True) + eps))
-            M_local.copy_(shard_like([M], [M_local])[0])
-            out.append(shard_like([P @ Q.T], [M_local])[0])
-        return out
+                Q = torch.randn(M.shape[1], rank, generator=generator, device=M.device, dtype=M.dtype)
+                state[key] = shard_like([Q], [M])[0]
+        return [state[key] for state in step.states]
+
+
+def power_iteration(momenta: list[Tensor], starts: list[Tensor], mu: float, eps: float):
+    """Dion's step on whole matrices, same-shaped ones as one batch: (P Qᵀ, the new M, the new Q) for each."""
+    directions, new_momenta, new_qs = [None] * len(momenta), [None] * len(momenta), [None] * len(momenta)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, (M, Q) in enumerate(zip(momenta, starts)):
+        by_shape.setdefault((tuple(M.shape), tuple(Q.shape)), []).append(i)
+    for indices in by_shape.values():
+        M, Q = torch.stack([momenta[i] for i in indices]), torch.stack([starts[i] for i in indices])
+        P, _ = torch.linalg.qr(M @ Q)
+        R = M.mT @ P
+        M = M - (1.0 - mu) * (P @ R.mT)
+        Q = R / (R.norm(dim=-2, keepdim=True) + eps)
+        D = P @ Q.mT
+        for b, i in enumerate(indices):
+            directions[i], new_momenta[i], new_qs[i] = D[b], M[b], Q[b]
+    return directions, new_momenta, new_qs
 
 
 @dataclass(frozen=True)
@@ -432,53 +483,57 @@ class NeuronNormalize(Stage):
         return normalised
 
 
-@dataclass(frozen=True)
-class ScaleByShape(Stage):
-    """s(m, n) X with the group's scale rule ``adjust_lr_fn`` (optim/matrix.py), (m, n) the shape of
-    the blocks that were orthogonalized (a head's, with ``split_heads``)."""
+class UpdateScale:
+    """A scale rule of the update tail: s_i for each matrix's direction D_i (see MatrixOptimizer)."""
 
-    def __call__(self, updates, step):
+    def __call__(self, directions: list[Tensor], step: Step) -> list[float | Tensor]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ScaleByShape(UpdateScale):
+    """s(m, n) with the group's scale rule ``adjust_lr_fn`` (optim/matrix.py), (m, n) the shape of the
+    blocks that were orthogonalized (a head's, with ``split_heads``): numbers, known on the host."""
+
+    def __call__(self, directions, step):
         head_split = step.group.get("head_split")
-        return torch._foreach_mul(updates, [update_scale(block_shape(p.shape, head_split), step.group["adjust_lr_fn"])
-                                            for p in step.params])
+        return [update_scale(block_shape(p.shape, head_split), step.group["adjust_lr_fn"]) for p in step.params]
 
 
 @dataclass(frozen=True)
-class ScaleToRms(Stage):
-    """ρ sqrt(m n) X / (‖X‖_F + ε): every matrix's update gets RMS ρ = ``rms`` (AdaMuon's
-    RMS alignment, 0.2 as Adam's typical RMS), ε = group["eps"]. Takes ScaleByShape's place."""
+class ScaleToRms(UpdateScale):
+    """ρ sqrt(m n) / (‖D‖_F + ε): every matrix's update gets RMS ρ = ``rms`` (AdaMuon's RMS alignment,
+    0.2 as Adam's typical RMS), ε = group["eps"]. Takes ScaleByShape's place. On the device (whole-matrix
+    norms: one all-reduce under FSDP)."""
 
     rms: float = 0.2
 
-    def __call__(self, updates, step):
+    def __call__(self, directions, step):
         eps = step.group["eps"]
-        norms = torch._foreach_norm(updates)
-        return torch._foreach_mul(updates, [self.rms * math.sqrt(p.shape[-2] * p.shape[-1]) / (norm + eps)
-                                            for p, norm in zip(step.params, norms)])
+        return [self.rms * math.sqrt(p.shape[-2] * p.shape[-1]) / (norm + eps) for p, norm in zip(step.params, whole_norms(directions))]
 
 
-@dataclass(frozen=True)
-class AddDecayedWeights(Stage):
-    """X + λ W, λ = group["weight_decay"] (optax's ``add_decayed_weights``); with the group's
-    ``cautious_weight_decay``, X + λ W ⊙ 1[X ⊙ W > 0]: decay only the coordinates the update already
-    moves toward zero (Chen et al. 2025, arXiv 2510.12402; modded-nanogpt, Dion)."""
+def apply_update_(params: list[Tensor], directions: list[Tensor], scales: list[float | Tensor], group: dict) -> None:
+    """The update tail, in place, without temporaries for numeric scales:
 
-    def __call__(self, updates, step):
-        wd = step.group["weight_decay"]
-        if not wd:
-            return updates
-        if step.group.get("cautious_weight_decay"):
-            decay = [W * (X * W > 0) for X, W in zip(updates, step.params)]
-            return torch._foreach_add(updates, decay, alpha=wd)
-        return torch._foreach_add(updates, step.params, alpha=wd)
+        W ← W (1 − η λ) − η s D                     decoupled decay with the unscaled η (optax's
+                                                   scale_by_shape, add_decayed_weights, scale_by_learning_rate)
+        W ← W − η λ W ⊙ 1[D ⊙ W > 0] − η s D        with the group's ``cautious_weight_decay``
 
-
-@dataclass(frozen=True)
-class ScaleByLearningRate(Stage):
-    """−η X, η = group["lr"] (optax's ``scale_by_learning_rate``); the optimizer then adds it to W."""
-
-    def __call__(self, updates, step):
-        return torch._foreach_mul(updates, -step.group["lr"])
-
-
-UPDATE_TAIL: tuple[Stage, ...] = (ScaleByShape(), AddDecayedWeights(), ScaleByLearningRate())
+    η = group["lr"], λ = group["weight_decay"]. Two foreach calls over the group (one per distinct s
+    for the second), where three out-of-place stages and an add made four passes and three buffers."""
+    lr, wd = group["lr"], group["weight_decay"]
+    W = local_tensors(params)
+    D = [d.to(w.dtype) for d, w in zip(local_tensors(directions), W)]
+    if wd and group.get("cautious_weight_decay"):
+        torch._foreach_addcmul_(W, W, [(d * w > 0).to(w.dtype) for d, w in zip(D, W)], value=-lr * wd)
+    elif wd:
+        torch._foreach_mul_(W, 1.0 - lr * wd)
+    if all(isinstance(s, float) for s in scales):
+        by_scale: dict[float, list[int]] = {}
+        for i, scale in enumerate(scales):
+            by_scale.setdefault(scale, []).append(i)
+        for scale, indices in by_scale.items():
+            torch._foreach_add_([W[i] for i in indices], [D[i] for i in indices], alpha=-lr * scale)
+    else:  # scales on the device
+        torch._foreach_add_(W, torch._foreach_mul(D, scales), alpha=-lr)

@@ -16,38 +16,42 @@ import json
 from pathlib import Path
 
 import lightning as L
-import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
-NAMES = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter_single", "all_gather_into_tensor", "all_gather_single",
-         "all_gather", "all_to_all_single", "broadcast")
+# the collectives as the dispatcher sees them: torch.distributed's (c10d) and the functional ones
+# DTensor uses (_c10d_functional), under one name each
+NAMES = {
+    "allreduce_": "all_reduce", "allreduce_coalesced_": "all_reduce", "all_reduce": "all_reduce",
+    "all_reduce_coalesced": "all_reduce",
+    "_reduce_scatter_base_": "reduce_scatter", "reduce_scatter_": "reduce_scatter",
+    "reduce_scatter_tensor_coalesced_": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter",
+    "reduce_scatter_tensor_coalesced": "reduce_scatter",
+    "_allgather_base_": "all_gather", "allgather_": "all_gather", "allgather_coalesced_": "all_gather",
+    "allgather_into_tensor_coalesced_": "all_gather", "all_gather_into_tensor": "all_gather",
+    "all_gather_into_tensor_coalesced": "all_gather",
+    "alltoall_": "all_to_all", "alltoall_base_": "all_to_all", "all_to_all_single": "all_to_all",
+    "broadcast_": "broadcast", "broadcast": "broadcast",
+}
 
 
-class Counter:
-    """Wraps every collective of torch.distributed that exists in this torch, counting calls by name."""
+class Counter(TorchDispatchMode):
+    """Counts every collective by name while active (`with Counter() as counter:`), whether called
+    through torch.distributed (FSDP2's reduce-scatters, our all-to-alls) or as a functional collective
+    (a DTensor's redistribution, e.g. the norm of a sharded matrix), from any thread autograd runs on."""
 
     def __init__(self):
+        super().__init__()
         self.counts = collections.Counter()
-        self._originals = {}
 
-    def __enter__(self) -> Counter:
-        for name in NAMES:
-            if hasattr(dist, name):
-                original = self._originals[name] = getattr(dist, name)
-                setattr(dist, name, self._counted(name, original))
-        return self
-
-    def _counted(self, name, original):
-        def counted(*args, **kwargs):
-            self.counts[name] += 1
-            return original(*args, **kwargs)
-        return counted
-
-    def __exit__(self, *exc) -> None:
-        for name, original in self._originals.items():
-            setattr(dist, name, original)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("c10d", "_c10d_functional"):
+            name = func.__name__.split(".")[0]
+            if name in NAMES:
+                self.counts[NAMES[name]] += 1
+        return func(*args, **(kwargs or {}))
 
     def reduce_scatters(self) -> int:
-        return self.counts["reduce_scatter_tensor"] + self.counts["reduce_scatter_single"]
+        return self.counts["reduce_scatter"]
 
 
 class CountCollectives(L.Callback):
@@ -70,6 +74,6 @@ class CountCollectives(L.Callback):
             self._counting_step = None
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.counter.__exit__()
+        self.counter.__exit__(None, None, None)
         path = Path(trainer.default_root_dir) / f"collectives.{trainer.global_rank}.json"
         path.write_text(json.dumps(self.steps))

@@ -83,3 +83,59 @@ def test_owners_balance_the_newton_schulz_cost():
         assert max(loads) - min(loads) <= max(newton_schulz_cost(s) for s in shapes)
     assert newton_schulz_cost((3072, 768)) == 5 * 768**2 * (2 * 3072 + 768)
     assert shard_rows(7, 3) == [3, 3, 1] and shard_rows(2, 3) == [1, 1, 0]
+
+
+def _payload_worker(rank, world, port, layout, results):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PayloadDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "c10d" and func.__name__.split(".")[0] in ("alltoall_base_", "broadcast_"):
+                tensors = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
+                self.dtypes.update(str(t.dtype) for t in tensors)
+            return func(*args, **(kwargs or {}))
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        whole = [m.float() for m in matrices()]
+        bf16 = Orthogonalizer(dtype="bfloat16").apply_all
+        if layout == "fsdp":
+            updates = [distribute_tensor(m, init_device_mesh("cpu", (world,)), [Shard(0)]) for m in whole]
+            run = lambda **kw: [o.full_tensor() for o in orthogonalize_distributed(bf16, updates, **kw)]  # noqa: E731
+        else:
+            run = lambda **kw: orthogonalize_distributed(bf16, whole, replicated_over=dist.group.WORLD, **kw)  # noqa: E731
+        with PayloadDtypes() as as_fp32:
+            cast_after = run()
+        with PayloadDtypes() as as_bf16:
+            cast_before = run(payload_dtype=torch.bfloat16)
+        results[rank] = (cast_after, cast_before, as_fp32.dtypes, as_bf16.dtypes)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "ddp"])
+def test_matrices_travel_in_the_newton_schulz_dtype_with_the_same_result(layout):
+    """bf16 Newton–Schulz: sending bf16 (half the bytes) gives bit for bit what sending fp32 and casting gave."""
+    results = mp.Manager().dict()
+    mp.spawn(_payload_worker, args=(2, free_port(), layout, results), nprocs=2)
+    for cast_after, cast_before, fp32_dtypes, bf16_dtypes in dict(results).values():
+        assert all(torch.equal(a, b) and a.dtype == torch.float32 for a, b in zip(cast_after, cast_before))
+        assert fp32_dtypes == {"torch.float32"} and bf16_dtypes == {"torch.bfloat16"}
+
+
+def test_owner_plans_are_computed_once_per_shape_signature():
+    from optim.distributed import owner_plan
+
+    owner_plan.cache_clear()
+    shapes = (tuple(SHAPES),)
+    first = owner_plan(shapes, 3)
+    assert owner_plan(shapes, 3) is first and owner_plan.cache_info().hits == 1
+    assert first.owners == tuple(assign_owners(SHAPES, 3)) and first.rows[0][0] == (3, 3, 1)

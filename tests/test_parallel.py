@@ -13,6 +13,7 @@ from trainer.checkpoint import renumber_optimizer_state
 from configs import compose
 from trainer.errors import ConfigError
 from trainer.parallel import Machine, build_strategy, check_layout, world_size_of
+from trainer.step_summary import summarize
 from trainer.preemption import StopRequest, requeue_slurm_job, slurm_job_id
 
 
@@ -114,16 +115,15 @@ def test_trainer_configs():
 
 
 def test_a_stop_signal_is_recorded_not_acted_on():
-    class OneDevice:
-        world_size, root_device = 1, torch.device("cpu")
-
     request = StopRequest()
     request.install()
     try:
-        assert request.agreed(OneDevice()) is None
+        assert request.signum is None
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGTERM)  # the first signal is the one reported
-        assert request.agreed(OneDevice()) == signal.SIGUSR1
+        assert request.signum == signal.SIGUSR1
+        summary = summarize(torch.tensor(2.5), torch.tensor(0.75), request.signum, None, world_size=1)
+        assert (summary.loss, summary.grad_norm, summary.stop_signal, summary.qk_columns()) == (2.5, 0.75, signal.SIGUSR1, {})
     finally:
         request.uninstall()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))

@@ -316,3 +316,18 @@ def test_activation_checkpointing_recomputes_each_block_in_the_backward(make_cfg
     calls.clear()
     model(idx).sum().backward()
     assert len(calls) == 4  # and again in the backward
+
+
+@pytest.mark.parametrize("optim", ["muon", "mars_m_exact", "muon_clip"])
+def test_a_step_reads_the_device_once(make_cfg, optim):
+    """Loss, gradient norm (clipping decided on the device), the stop agreement and QK-clip's logit maxima are
+    read together once per optimizer step, whatever the optimizer: exact MARS-M's two passes, QK-clip's
+    scaling, two micro-batches per step. (Steps with an evaluation or a checkpoint read more: not counted.)"""
+    from host_reads import CountHostReads
+
+    counter = CountHostReads()
+    run(make_cfg(f"optim={optim}", "budget.tokens=1024", "data.micro_batch=1", "grad_clip=0.001",
+                 "eval.every_tokens=100000", "checkpoint.every_tokens=100000"), callbacks=[counter])
+    assert len(counter.steps) == 7  # steps 1-7 of 8 (the last one ends with the final evaluation)
+    for reads, places in counter.steps[1:]:  # the first step also builds the optimizer's state
+        assert reads == 1, places

@@ -3,8 +3,10 @@ what happens at each step boundary (metrics row, evaluation, checkpoint, and sto
 asked for it: trainer/preemption.py). Under FSDP the model is sharded in configure_model. Every
 setting comes from the RunPlan (trainer/plan.py); the module never reads the config.
 
-One gradient per step uses Lightning's automatic optimization (accumulation, the NaN check in
-on_before_optimizer_step, clipping in configure_gradient_clipping). An optimizer that takes a
+One gradient per step uses Lightning's automatic optimization (accumulation; the NaN check and
+clipping in on_before_optimizer_step). The step waits on the device once: the loss, the gradient
+norm, the stop agreement and QK-clip's logit maxima travel in one tensor (one all-gather across
+ranks) and are read together (trainer/step_summary.py); clipping is decided on the device. An optimizer that takes a
 look-ahead gradient (exact MARS-M: `plan.lookahead`) gets two and runs the same step by hand
 (manual optimization, `_two_pass_step`): first the gradient at the current weights on the next
 step's batch, which the optimizer stores, then the step's own accumulated gradient."""
@@ -12,6 +14,7 @@ step's batch, which the optimizer stores, then the step's own accumulated gradie
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable
 
 import lightning as L
@@ -21,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from data import TokenStream, TrainBatches
-from optim.distributed import gather_whole
+from optim.distributed import global_norm, local_tensors
 from optim.hybrid import HybridOptimizer
 from optim.qk_clip import QKClip
 from trainer.checkpoint import FORMAT, align_batch_counters, last_checkpoint_path, number_by_position, save_atomic
@@ -32,6 +35,7 @@ from trainer.parallel import fsdp_mesh, is_fsdp, shard_model
 from trainer.plan import RunPlan
 from trainer.preemption import StopRequest
 from trainer.step_metrics import StepMetrics
+from trainer.step_summary import StepSummary, summarize
 
 
 class LanguageModel(L.LightningModule):
@@ -49,9 +53,8 @@ class LanguageModel(L.LightningModule):
         self.stop_request = StopRequest()
         self.stopped_by: int | None = None  # the signal that stopped training early, if any
         self._step_losses: list[torch.Tensor] = []
-        self._step_loss = float("nan")
+        self._summary: StepSummary | None = None  # the step's loss, grad norm, stop signal, QK maxima
         self._step_lrs: dict[str, float] = {}
-        self._grad_norm = float("nan")
         self.train_batches: TrainBatches | None = None
 
     # ---- model, data, optimizer --------------------------------------------------------------
@@ -116,7 +119,7 @@ class LanguageModel(L.LightningModule):
             for i, (inputs, targets) in enumerate(self.train_batches.step_batches(self.trainer.global_step + 1)):
                 with self._reduce_gradients(last=i + 1 == accumulation):
                     self.manual_backward(self.loss(inputs.to(self.device), targets.to(self.device)) / accumulation)
-            self.clip_and_measure_gradients()
+            self.clip_gradients_()
             optimizer.optimizer.store_lookahead_gradients()
             optimizer.zero_grad()
         with self._reduce_gradients(last=len(self._step_losses) + 1 == accumulation):
@@ -124,41 +127,42 @@ class LanguageModel(L.LightningModule):
             self.manual_backward(loss / accumulation)
         self._step_losses.append(loss.detach())
         if len(self._step_losses) == accumulation:
-            self.clip_and_measure_gradients()
-            optimizer.step()  # runs on_before_optimizer_step: the NaN check, before the update
+            optimizer.step()  # runs on_before_optimizer_step: the NaN check and clipping, before the update
             optimizer.zero_grad()
             self.lr_schedulers().step()
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Runs once per optimizer step, after the last backward and before clipping and the update."""
-        loss = self.trainer.strategy.reduce(torch.stack(self._step_losses).mean(), reduce_op="mean")
+        """Runs once per optimizer step, after the last backward and before the update: the step's one
+        read from the device (the summary), the NaN check, then clipping."""
+        grad_norm = self.clip_gradients_()
+        loss = torch.stack(self._step_losses).mean()
         self._step_losses.clear()
+        maxima = self.qk_clip.take_maxima() if self.qk_clip is not None else None
+        self._summary = summary = summarize(loss, grad_norm, self.stop_request.signum or 0, maxima, self.trainer.world_size)
         step = self.trainer.global_step + 1
-        if not torch.isfinite(loss):
+        if not math.isfinite(summary.loss):
             saved = (f"The last good checkpoint is {self.checkpoint_path} (step {self.last_checkpoint_step})."
                      if self.last_checkpoint_step else
                      f"No checkpoint exists yet (the first was due after step {self.plan.first_checkpoint_step()}): "
                      f"rerunning starts over.")
             raise NonFiniteLossError(
-                f"train loss is {loss.item()} at step {step} ({self.plan.tokens_at(step):,} tokens); stopped before the "
+                f"train loss is {summary.loss} at step {step} ({self.plan.tokens_at(step):,} tokens); stopped before the "
                 f"update. {saved} Lower optim.lr, tighten grad_clip, or check the data."
             )
-        self._step_loss = loss.item()
         self._step_lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        self.clip_and_measure_gradients()
-
-    def clip_and_measure_gradients(self) -> None:
-        """Global-norm clipping at `grad_clip` (none if null); the norm before clipping is logged. The
-        norm is summed in float64 over whole gradients (FSDP: shard norms reduced across ranks), so
-        it is the same number on one device, under DDP and under FSDP."""
+    def clip_gradients_(self) -> torch.Tensor:
+        """Global-norm clipping at `grad_clip` (none if null), decided on the device: gradients are
+        multiplied by grad_clip / (‖g‖ + 1e-6) where ‖g‖ > grad_clip. Returns ‖g‖ before clipping
+        (0-dim, on the device): the norm of the whole gradients, the same number on one device, under
+        DDP and under FSDP (local shard norms, one all-reduce)."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        squares = gather_whole([g.double().square().sum() for g in grads])
-        self._grad_norm = torch.stack(squares).sum().sqrt().item()  # one host sync, not one per parameter
+        norm = global_norm(grads)
         clip = self.plan.grad_clip
-        if clip is not None and self._grad_norm > clip:
-            torch._foreach_mul_(grads, clip / (self._grad_norm + 1e-6))
+        if clip is not None:
+            factor = torch.where(norm > clip, clip / (norm + 1e-6), torch.ones_like(norm))
+            torch._foreach_mul_(local_tensors(grads), factor)
+        return norm
 
     # ---- step boundaries ---------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -175,12 +179,15 @@ class LanguageModel(L.LightningModule):
     def end_step(self, step: int) -> None:
         """After optimizer step `step`: its metrics row (with val_loss when an evaluation is due),
         then the checkpoint when one is due or a signal asked to stop."""
-        # MuonClip's scaling: after the update, before any checkpoint of it
-        row = self.step_metrics.row(step, self._step_loss, self._step_lrs, self._grad_norm, self.device, more=self.qk_clip)
+        summary = self._summary
+        if self.qk_clip is not None and summary.qk_maxima is not None:
+            self.qk_clip.clip(summary.qk_maxima)  # MuonClip's scaling: after the update, before any checkpoint of it
+        row = self.step_metrics.row(step, summary.loss, self._step_lrs, summary.grad_norm, self.device,
+                                    more=summary.qk_columns)
         if self.plan.eval_due(step):
             row["val_loss"] = self.evaluate()
         self.step_metrics.publish(row, self.trainer.loggers)
-        self.stopped_by = self.stop_request.agreed(self.trainer.strategy)
+        self.stopped_by = summary.stop_signal
         if self.plan.checkpoint_due(step) or self.stopped_by:
             self.last_checkpoint_step = step
             save_atomic(self.trainer, self.checkpoint_path)

@@ -3,8 +3,8 @@
 SLURM sends SIGTERM before it kills a job (scancel, `scontrol requeue`, preemption) and, with
 `--signal=USR2@120` (the submitit presets), USR2 two minutes before the time limit. The signal
 handler only records the signal; nothing is written inside it. At the next optimizer-step boundary
-all ranks agree to stop (a one-element all-reduce each step, so a signal that reached one rank
-stops them all), write the checkpoint and leave the loop. train.py then requeues the SLURM job
+all ranks agree to stop (the signal travels in the step's one all-gather, trainer/step_summary.py,
+so a signal that reached one rank stops them all), write the checkpoint and leave the loop. train.py then requeues the SLURM job
 (muonlab, not Lightning or submitit, owns requeue: `scontrol requeue <job id>` from rank 0) and
 exits with 128 + signal number; the requeued job resumes from its own run dir.
 """
@@ -16,7 +16,6 @@ import signal
 import subprocess
 import threading
 
-import torch
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -41,12 +40,6 @@ class StopRequest:
 
     def _record(self, signum, frame) -> None:
         self.signum = self.signum or signum
-
-    def agreed(self, strategy) -> int | None:
-        """The signal any rank received (all ranks call this at the same step), or None."""
-        received = torch.tensor(float(self.signum or 0), device=strategy.root_device)
-        received = strategy.reduce(received, reduce_op="max") if strategy.world_size > 1 else received
-        return int(received.item()) or None
 
 
 def slurm_job_id(environ=os.environ) -> str | None:
