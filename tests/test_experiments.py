@@ -51,7 +51,7 @@ def test_each_experiment_names_itself_and_paper_settings_pin_a_gpu_trainer(exper
     cfg = compose([f"experiment={experiment}"])
     assert cfg.experiment_name == experiment  # a copied file that kept its parent's name would fail here
     if experiment in PAPER_SETTINGS:
-        assert (cfg.trainer.accelerator, cfg.trainer.precision) == ("gpu", "bf16-mixed")
+        assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.compile, cfg.data.num_workers) == ("gpu", "bf16-mixed", True, 2)
         assert compose([f"experiment={experiment}", "trainer=cpu"]).trainer.accelerator == "cpu"  # a smoke test stays possible
 
 

@@ -151,3 +151,27 @@ def test_max_causal_logits_are_fp32_under_bf16_autocast():
         seen = max_causal_logits(q, k)
     assert seen.dtype == torch.float32
     assert torch.allclose(seen.double(), exact, rtol=1e-6)  # a bf16 result would be off by up to 2^-8 relative
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_compiled_blocks_track_logits_without_a_graph_break_even_under_activation_checkpointing(family):
+    """compile=true compiles each block (models/blocks.py); QK-clip's tracking writes an attribute inside the
+    block's forward, which runs again in the checkpointed backward: dynamo must capture it whole (a graph break
+    per block per forward would split every compiled block in two). Dynamo alone (backend "eager") suffices to count."""
+    from torch._dynamo.utils import counters
+
+    from models.blocks import compile_blocks
+
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    eager = largest_logits(tiny(family), idx)
+    model = tiny(family)
+    clip = QKClip(model, threshold=1e30)
+    model.activation_checkpointing = True
+    compile_blocks(model, backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    model.train()
+    model(idx, idx).backward()
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] >= 1  # it was compiled
+    assert torch.allclose(clip.take_maxima(), eager, rtol=1e-5)

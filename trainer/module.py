@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from data import TokenStream, TrainBatches
+from models.blocks import compile_blocks
 from optim.distributed import global_norm, local_tensors
 from optim.hybrid import HybridOptimizer
 from optim.qk_clip import QKClip
@@ -63,11 +64,12 @@ class LanguageModel(L.LightningModule):
             self.step_metrics.open_csv(self.resume_rows)
 
     def configure_model(self) -> None:
+        """Compile each block, then shard (torchtitan's order: FSDP2's per-block hooks stay outside the graphs)."""
+        if self.plan.compile:
+            compile_blocks(self.model)
         if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
             mesh = fsdp_mesh(self.device_mesh["data_parallel"], self.plan.fsdp_replicas)
             shard_model(self.model, mesh, mixed_precision=self.plan.bf16)
-        if self.plan.compile:
-            self.model.compile()
 
     def train_dataloader(self) -> DataLoader:
         plan = self.plan
@@ -75,7 +77,8 @@ class LanguageModel(L.LightningModule):
                                seed=plan.data_seed, rank=self.global_rank, world_size=plan.world_size)
         batches.start_step = self.trainer.global_step  # already restored when resuming
         self.train_batches = batches
-        return DataLoader(batches, batch_size=None, num_workers=plan.num_workers, persistent_workers=plan.num_workers > 0)
+        return DataLoader(batches, batch_size=None, num_workers=plan.num_workers, persistent_workers=plan.num_workers > 0,
+                          pin_memory=self.device.type == "cuda")  # page-locked batches: the copy to the GPU overlaps
 
     def configure_optimizers(self):
         optimizer = self.build_optimizer(self.model)

@@ -133,7 +133,8 @@ def build_strategy(trainer_cfg: DictConfig):
     if trainer_cfg.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(find_unused_parameters=False)
+        # broadcast_buffers: the models' only buffers are RoPE tables, computed alike on every rank
+        return DDPStrategy(find_unused_parameters=False, broadcast_buffers=False)
     return "auto"
 
 
