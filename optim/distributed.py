@@ -1,4 +1,4 @@
-"""Orthogonalization divided among ranks: each matrix has one owner rank that runs its Newton–Schulz.
+"""Per-matrix work divided among ranks: each matrix has one owner rank that runs its Newton–Schulz.
 
 Orthogonalization needs whole matrices, so without coordination every rank would orthogonalize every
 matrix (8 GPUs, 8 times the work). Here each matrix gets one owner, chosen to balance the
@@ -17,8 +17,15 @@ assignment from the shapes alone. An owner orthogonalizes its matrices in same-s
                                            owner broadcasts its results to every rank.
     one process, or nothing opted in       every matrix here, as before.
 
-Element-wise stages (momentum, second moments, NSR/VS) and norms work on the shards as they are, and
-the result equals the single-device one (the owner runs the same computation on the same input).
+`on_owners` is the general form: any per-matrix work that needs whole tensors (Dion's power
+iteration takes M and its Q, and returns D, the new M and the new Q), in one exchange each way; the
+owner plan (owners, rows, offsets) is computed once per shape signature. Orthogonalization sends
+its matrices in the Newton–Schulz dtype (bf16 on a GPU: half the bytes, the same bits).
+
+Element-wise stages (momentum, second moments, NSR/VS) work on the shards as they are; whole-matrix
+norms and means come from the shards' with one all-reduce for a whole group (`whole_norms`,
+`sum_over_row_shards`). The result equals the single-device one (the owner runs the same computation
+on the same input).
 """
 
 from __future__ import annotations
@@ -139,13 +146,13 @@ def on_owners(compute: Compute, inputs: list[list[torch.Tensor]], outputs_like: 
     outputs' rows come back in another; DDP replicas (``replicated_over``) are computed by their owners
     and broadcast; otherwise everything is computed here. Tensors travel in `payload_dtype` (default:
     the first input's)."""
-    first = inputs[0]
-    if first and all(isinstance(t, DTensor) for field in inputs for t in field) and _sharded_on_rows([t for f in inputs for t in f]):
+    everything = [t for field in inputs for t in field]
+    if everything and all(isinstance(t, DTensor) for t in everything) and _sharded_on_rows(everything):
         return _on_owners_sharded(compute, inputs, outputs_like, payload_dtype)
-    if first and any(isinstance(t, DTensor) for field in inputs for t in field):  # other layouts: gather, compute here
+    if any(isinstance(t, DTensor) for t in everything):  # other layouts: gather, compute here
         outputs = _in_dtypes(compute(*[gather_whole(field) for field in inputs]), inputs, outputs_like)
         return [shard_like(out, inputs[like]) for out, like in zip(outputs, outputs_like)]
-    if first and replicated_over is not None and dist.is_initialized() and dist.get_world_size(replicated_over) > 1:
+    if everything and replicated_over is not None and dist.is_initialized() and dist.get_world_size(replicated_over) > 1:
         return _on_owners_replicated(compute, inputs, outputs_like, replicated_over, payload_dtype)
     return _in_dtypes(compute(*inputs), inputs, outputs_like)
 

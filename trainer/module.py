@@ -6,8 +6,8 @@ setting comes from the RunPlan (trainer/plan.py); the module never reads the con
 One gradient per step uses Lightning's automatic optimization (accumulation; the NaN check and
 clipping in on_before_optimizer_step). The step waits on the device once: the loss, the gradient
 norm, the stop agreement and QK-clip's logit maxima travel in one tensor (one all-gather across
-ranks) and are read together (trainer/step_summary.py); clipping is decided on the device. An optimizer that takes a
-look-ahead gradient (exact MARS-M: `plan.lookahead`) gets two and runs the same step by hand
+ranks) and are read together (trainer/step_summary.py); clipping is decided on the device. An
+optimizer that takes a look-ahead gradient (exact MARS-M: `plan.lookahead`) gets two and runs the same step by hand
 (manual optimization, `_two_pass_step`): first the gradient at the current weights on the next
 step's batch, which the optimizer stores, then the step's own accumulated gradient."""
 
