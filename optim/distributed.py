@@ -83,14 +83,20 @@ def whole_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     over the shard group, not one collective per tensor; plain tensors need none."""
     if not tensors:
         return []
-    squares = torch.stack(torch._foreach_norm(local_tensors(tensors))).square()
-    return list(sum_over_row_shards(squares, tensors).sqrt().unbind())
+    return list(_whole_squares(tensors).sqrt().to(tensors[0].dtype).unbind())
+
+
+def _whole_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Each whole tensor's squared norm, accumulated in float64 (fp32 sums over millions of numbers
+    differ between a shard and the whole by ~1e-5), summed over row shards."""
+    squares = torch.stack(torch._foreach_norm(local_tensors(tensors), 2, dtype=torch.float64)).square()
+    return sum_over_row_shards(squares, tensors)
 
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """‖(t_1, …, t_k)‖, the norm of all the whole tensors together (0-dim, on the device; one all-reduce
-    under FSDP2, none otherwise)."""
-    return torch.stack(whole_norms(tensors)).square().sum().sqrt()
+    """‖(t_1, …, t_k)‖, the norm of all the whole tensors together (0-dim float64, on the device; one
+    all-reduce under FSDP2, none otherwise)."""
+    return _whole_squares(tensors).sum().sqrt()
 
 
 def shard_like(wholes: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
