@@ -108,15 +108,18 @@ def test_without_flock_an_owner_file_excludes_and_is_removed_on_release(tmp_path
     assert f"flock is unsupported here, so if that process is gone, delete {owner}" in out
 
 
-def test_without_flock_the_owner_file_of_a_dead_process_is_taken_over(tmp_path, monkeypatch):
+def test_without_flock_the_owner_file_of_a_dead_process_is_taken_over(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fcntl, "flock", flock_unsupported)
     directory = tmp_path / "dataset"
     owner = lock_path(directory).with_name(lock_path(directory).name + ".owner")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     owner.parent.mkdir(parents=True, exist_ok=True)
     owner.write_text(f"{socket.gethostname()} {dead.stdout.strip()}\n")  # left by a killed holder
-    started = time.time()
+    def no_waiting(seconds):
+        raise AssertionError(f"polled (slept {seconds} s) instead of taking the dead holder's file over at once")
+
+    monkeypatch.setattr(time, "sleep", no_waiting)
     with preparation_lock(directory):
         assert owner.read_text() == f"{socket.gethostname()} {os.getpid()}\n"
-    assert time.time() - started < 30  # a wait limit: taken over at once, not after a timeout
+    assert "waiting for another process" not in capsys.readouterr().out
     assert not owner.exists()
