@@ -33,6 +33,7 @@ class QKClip:
                              "(models.gpt2 and models.llama do)")
         for layer in self.layers:
             layer.track_max_logits = True
+        self._heads: tuple[torch.device, list] | None = None  # see _heads_on
 
     def take_maxima(self) -> torch.Tensor | None:
         """(layers, heads): each head's largest logit in the training forwards since the last call, on
@@ -46,11 +47,17 @@ class QKClip:
         after the step's update. Computed on the device without reading anything back: heads under τ
         are multiplied by 1 (exact)."""
         gammas = clip_factors(maxima, self.threshold).sqrt()
-        for layer, gamma in zip(self.layers, gammas):
-            for param, heads in layer.qk_row_heads():
-                heads = heads.to(gamma.device, non_blocking=True)
+        for layer, gamma, layer_heads in zip(self.layers, gammas, self._heads_on(gammas.device)):
+            for (param, _), heads in zip(layer.qk_row_heads(), layer_heads):
                 factors = torch.where(heads >= 0, gamma[heads.clamp(min=0)], torch.ones((), device=gamma.device))
                 scale_rows_(param, factors.to(param.dtype))
+
+    def _heads_on(self, device: torch.device) -> list[list[torch.Tensor]]:
+        """Each layer's head index of every q/k row (qk_row_heads' order), moved to `device` once, not
+        copied from the host for every parameter every step."""
+        if self._heads is None or self._heads[0] != device:
+            self._heads = (device, [[heads.to(device) for _, heads in layer.qk_row_heads()] for layer in self.layers])
+        return self._heads[1]
 
     def __call__(self) -> dict[str, float]:
         """Clip after a step on one process (no ranks to combine); returns the step's largest logit per
