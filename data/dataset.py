@@ -23,7 +23,8 @@ def dataset_dir(cfg: Mapping) -> Path:
     _check_kind(cfg)
     if cfg["kind"] == "hf":
         return hf_dataset_dir(cfg)
-    return text_dataset_dir(Path(cfg["cache_dir"]), cfg["name"], check_source(Path(cfg["source"])), cfg["val_fraction"])
+    return text_dataset_dir(Path(cfg["cache_dir"]), cfg["name"], check_source(Path(cfg["source"])), cfg["val_fraction"],
+                            cfg.get("tokenizer"), cfg.get("eot", "append"))
 
 
 def prepare_dataset(cfg: Mapping) -> Path:
@@ -38,7 +39,8 @@ def prepare_dataset_unlocked(cfg: Mapping) -> Path:
     _check_kind(cfg)
     if cfg["kind"] == "hf":
         return prepare_hf(cfg)
-    return prepare_text_file(Path(cfg["source"]), dataset_dir(cfg), cfg["name"], cfg["val_fraction"])
+    return prepare_text_file(Path(cfg["source"]), dataset_dir(cfg), cfg["name"], cfg["val_fraction"], cfg.get("tokenizer"),
+                             cfg.get("eot", "append"))
 
 
 def open_dataset(cfg: Mapping) -> TokenSet:

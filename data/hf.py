@@ -25,9 +25,9 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from data.prepare import base_meta, finish, split_head, tokenize, write_split
+from data.prepare import base_meta, finish, split_head, tokenize, tokenizer_fingerprint, write_split
 from data.shards import FORMAT_VERSION, DataError, is_complete
-from data.tokenizer import RANKS_SHA256
+from data.tokenizer import load_tokenizer
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".json.gz": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
 
@@ -108,7 +108,7 @@ def source_description(cfg: Mapping) -> dict:
 def hf_dataset_dir(cfg: Mapping) -> Path:
     """<cache_dir>/<name>-<fingerprint of source, split rule, cap, tokenizer and format>."""
     fingerprint = {
-        "format": FORMAT_VERSION, "tokenizer_sha256": RANKS_SHA256, "source": source_description(cfg), "eot": cfg["eot"],
+        "format": FORMAT_VERSION, **tokenizer_fingerprint(cfg.get("tokenizer")), "source": source_description(cfg), "eot": cfg["eot"],
         "val_fraction": cfg["val_fraction"], "val_seed": cfg["val_seed"], "max_tokens": cfg["max_tokens"],
         "text_field": cfg["text_field"],
     }
@@ -145,11 +145,12 @@ def prepare_hf(cfg: Mapping) -> Path:
     hf_cache = Path(cfg["cache_dir"]) / "hf"
     field = cfg["text_field"]
     texts = lambda ds: (row[field] for row in ds)  # noqa: E731
-    batches = lambda ds: tokenize(texts(ds), cfg["eot"], num_proc=int(cfg["num_proc"]))  # noqa: E731
+    batches = lambda ds: tokenize(texts(ds), cfg["eot"], int(cfg["num_proc"]), tokenizer=cfg.get("tokenizer"))  # noqa: E731
     held_out, head = cfg["val_fraction"] is not None, cfg["val_head_tokens"]
     if head is not None:  # one train stream: its first `head` tokens are validation (llm.c's FineWeb split)
         train = load_split(cfg, "train", files["train"] if files else None, hf_cache)
-        val_batches, train_batches = split_head(batches(train), int(head))
+        before, after = load_tokenizer(cfg.get("tokenizer")).boundary(cfg["eot"])
+        val_batches, train_batches = split_head(batches(train), int(head), (after or before)[0])
         sources = {"val": val_batches, "train": train_batches}
         rule = f"the first {head} tokens of the train stream (llm.c's FineWeb split)"
     elif held_out:  # one train split, a fixed fraction of its documents held out (nanoGPT's rule)
@@ -160,7 +161,8 @@ def prepare_hf(cfg: Mapping) -> Path:
     else:
         sources = {split: load_split(cfg, split, files[split] if files else None, hf_cache) for split in ("train", "val")}
         rule = "the dataset's own validation split"
-    meta = base_meta(cfg["name"], cfg["eot"], source_description(cfg), rule, cfg["val_seed"] if held_out else None)
+    meta = base_meta(cfg["name"], cfg["eot"], source_description(cfg), rule, cfg["val_seed"] if held_out else None,
+                     cfg.get("tokenizer"))
     meta["config"] = {k: cfg[k] for k in ("hf_path", "hf_name", "hf_revision", "text_field", "val_fraction", "val_seed",
                                           "val_head_tokens", "max_tokens")}
     for split, source in sources.items():  # datasets, or (val_head_tokens) token batches already

@@ -1,9 +1,10 @@
-"""From documents to token shards: GPT-2 BPE in worker processes, and the shard writer.
+"""From documents to token shards: a tokenizer (data/tokenizer.py) in worker processes, and the shard writer.
 
-Each document is encoded with `encode_ordinary` (special-token text in a document stays text) and
-gets one EOT, appended (nanoGPT) or prepended (modded-nanogpt). Batches of documents are encoded in
-order, by tiktoken's threads in this process (num_proc=1) or by `num_proc` spawned processes, so the
-token stream does not depend on `num_proc`.
+Each document is encoded without special tokens (special-token text in a document stays text) and
+gets its boundary tokens (`data.eot`): the tokenizer's EOS appended (nanoGPT's EOT, T5's </s>), its
+BOS prepended (LLaMA-2's <s>; modded-nanogpt's EOT), or both (LLaMA-3). Batches of documents are
+encoded in order, in this process (num_proc=1) or by `num_proc` spawned processes, so the token
+stream does not depend on `num_proc`.
 """
 
 from __future__ import annotations
@@ -11,29 +12,26 @@ from __future__ import annotations
 import functools
 import itertools
 import multiprocessing
-import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from data.shards import FORMAT_VERSION, write_meta, write_shard
-from data.tokenizer import EOT_ID, RANKS_SHA256, gpt2_tokenizer
-
-EOT_PLACEMENTS = ("append", "prepend")
+from data.tokenizer import RANKS_SHA256, load_tokenizer
 
 
-def encode_batch(texts: list[str], eot_placement: str = "append", num_threads: int = 1) -> np.ndarray:
-    """One uint16 array: every document's tokens with its EOT, in order."""
-    docs = gpt2_tokenizer().encode_ordinary_batch(texts, num_threads=num_threads)
-    eot = [EOT_ID]
-    return np.fromiter(itertools.chain.from_iterable(doc + eot if eot_placement == "append" else eot + doc for doc in docs),
-                       dtype=np.uint16)
+def encode_batch(texts: list[str], eot_placement: str = "append", tokenizer: Mapping | None = None) -> np.ndarray:
+    """One array (the tokenizer's shard dtype): every document's tokens with its boundary tokens, in order."""
+    tok = load_tokenizer(tokenizer)
+    before, after = tok.boundary(eot_placement)
+    docs = tok.encode_batch(texts)
+    return np.fromiter(itertools.chain.from_iterable(before + doc + after for doc in docs), dtype=tok.dtype)
 
 
-def _encode_counted(texts: list[str], eot_placement: str, num_threads: int = 1) -> tuple[np.ndarray, int]:
-    return encode_batch(texts, eot_placement, num_threads), len(texts)
+def _encode_counted(texts: list[str], eot_placement: str, tokenizer: Mapping | None) -> tuple[np.ndarray, int]:
+    return encode_batch(texts, eot_placement, tokenizer), len(texts)
 
 
 def batched(items: Iterable, n: int) -> Iterator[list]:
@@ -41,25 +39,24 @@ def batched(items: Iterable, n: int) -> Iterator[list]:
     return iter(lambda: list(itertools.islice(iterator, n)), [])
 
 
-def tokenize(texts: Iterable[str], eot_placement: str = "append", num_proc: int = 1,
-             docs_per_batch: int = 256) -> Iterator[tuple[np.ndarray, int]]:
+def tokenize(texts: Iterable[str], eot_placement: str = "append", num_proc: int = 1, docs_per_batch: int = 256,
+             tokenizer: Mapping | None = None) -> Iterator[tuple[np.ndarray, int]]:
     """(tokens, n_documents) per batch of documents, in document order."""
-    if eot_placement not in EOT_PLACEMENTS:
-        raise ValueError(f"data.eot={eot_placement!r} is not one of {list(EOT_PLACEMENTS)}")
+    load_tokenizer(tokenizer).boundary(eot_placement)  # a bad placement or tokenizer fails here, not in a worker
     batches = batched(texts, docs_per_batch)
-    if num_proc <= 1:  # one process: tiktoken's own threads
-        yield from map(functools.partial(_encode_counted, eot_placement=eot_placement, num_threads=os.cpu_count() or 1), batches)
+    encode = functools.partial(_encode_counted, eot_placement=eot_placement, tokenizer=tokenizer)
+    if num_proc <= 1:
+        yield from map(encode, batches)
         return
-    encode = functools.partial(_encode_counted, eot_placement=eot_placement)
     with multiprocessing.get_context("spawn").Pool(num_proc) as pool:
         yield from pool.imap(encode, batches, chunksize=1)
 
 
-def split_head(batches: Iterable[tuple[np.ndarray, int]], n_tokens: int) -> tuple[Iterator, Iterator]:
+def split_head(batches: Iterable[tuple[np.ndarray, int]], n_tokens: int, boundary_id: int) -> tuple[Iterator, Iterator]:
     """(head, tail) of one (tokens, n_documents) batch stream: head yields its first n_tokens tokens,
     tail the rest, starting with the remainder of the batch that crosses the boundary (a document there
     is split, as llm.c splits its FineWeb shards). Read head to its end before tail. A document is
-    counted in the part that holds its EOT."""
+    counted in the part that holds its boundary token `boundary_id`."""
     iterator, crossing = iter(batches), []
 
     def head() -> Iterator[tuple[np.ndarray, int]]:
@@ -67,7 +64,7 @@ def split_head(batches: Iterable[tuple[np.ndarray, int]], n_tokens: int) -> tupl
         for tokens, n_docs in iterator:
             if taken + len(tokens) >= n_tokens:
                 cut = n_tokens - taken
-                head_docs = int(np.count_nonzero(tokens[:cut] == EOT_ID))
+                head_docs = int(np.count_nonzero(tokens[:cut] == boundary_id))
                 crossing.append((tokens[cut:], n_docs - head_docs))
                 yield tokens[:cut], head_docs
                 return
@@ -99,7 +96,7 @@ class ShardWriter:
     def _flush(self, n: int) -> None:
         stream = np.concatenate(self.pending)
         file = f"{self.split}_{len(self.shards):06d}.bin"
-        write_shard(self.directory / file, stream[:n])
+        write_shard(self.directory / file, stream[:n], stream.dtype)
         self.shards.append({"file": file, "tokens": int(n)})
         self.pending, self.pending_tokens = ([stream[n:]] if len(stream) > n else []), len(stream) - n
 
@@ -129,13 +126,27 @@ def write_split(directory: Path, split: str, batches: Iterable[tuple[np.ndarray,
     return entry
 
 
-def base_meta(name: str, eot_placement: str, source: dict, validation_rule: str, seed: int | None) -> dict:
+def base_meta(name: str, eot_placement: str, source: dict, validation_rule: str, seed: int | None,
+              tokenizer: Mapping | None = None) -> dict:
     """The sidecar's fields every prepared dataset shares; `splits` is filled in as they are written."""
+    tok = load_tokenizer(tokenizer)
+    before, after = tok.boundary(eot_placement)
+    identity = tok.identity()
     return {
-        "format": "muonlab-tokens", "version": FORMAT_VERSION, "name": name, "tokenizer": "gpt2",
-        "tokenizer_sha256": RANKS_SHA256, "eot_id": EOT_ID, "eot_placement": eot_placement, "dtype": "uint16",
-        "source": source, "validation_rule": validation_rule, "seed": seed, "splits": {},
+        "format": "muonlab-tokens", "version": FORMAT_VERSION, "name": name, "tokenizer": tok.name,
+        "tokenizer_sha256": identity["sha256"][0], "tokenizer_identity": identity, "eot_id": (after or before)[0],
+        "eot_placement": eot_placement, "dtype": tok.dtype.name, "source": source, "validation_rule": validation_rule,
+        "seed": seed, "splits": {},
     }
+
+
+def tokenizer_fingerprint(tokenizer: Mapping | None) -> dict:
+    """The cache-name entries for a tokenizer: GPT-2's sha256 alone (so its caches keep the names they
+    had before other tokenizers), any other's whole identity."""
+    tok = load_tokenizer(tokenizer)
+    if tok.name == "gpt2" and tok.identity()["sha256"] == [RANKS_SHA256]:
+        return {"tokenizer_sha256": RANKS_SHA256}
+    return {"tokenizer": tok.identity()}
 
 
 def finish(directory: Path, meta: dict) -> Path:

@@ -5,7 +5,8 @@ A prepared dataset is a directory:
     meta.json                 sidecar: tokenizer sha256, EOT id and placement, dtype, token counts per
                               split and shard, source, split rule, seed (written last: it marks completion)
     train_000000.bin ...      shards: a 64-byte header (magic b"MUONTOK\\0", format version, bytes per
-    val_000000.bin ...        token, token count), then the tokens as little-endian uint16
+    val_000000.bin ...        token, token count), then the tokens as little-endian uint16 (uint32 for a
+                              tokenizer with ids past 65,535)
 
 Every file is written atomically (data/files.py: temporary file, fsync, rename), so a killed
 preparation leaves either a complete shard or none. `open_token_set` checks each shard against its
@@ -27,7 +28,7 @@ MAGIC = b"MUONTOK\0"
 FORMAT_VERSION = 1
 HEADER_BYTES = 64
 _HEADER = struct.Struct("<8sIIQ")  # magic, version, bytes per token, token count
-DTYPE = np.dtype("<u2")
+DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}  # bytes per token -> dtype
 META_FILE = "meta.json"
 
 
@@ -35,14 +36,14 @@ class DataError(RuntimeError):
     """A missing, partial or corrupt data file; the message names the file and the fix."""
 
 
-def write_shard(path: Path, tokens: np.ndarray) -> None:
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(DTYPE).max):
-        raise ValueError("token ids must fit in uint16")
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, DTYPE.itemsize, tokens.size).ljust(HEADER_BYTES, b"\0")
+def write_shard(path: Path, tokens: np.ndarray, dtype: np.dtype = DTYPES[2]) -> None:
+    tokens, dtype = np.asarray(tokens), np.dtype(dtype)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(dtype).max):
+        raise ValueError(f"token ids must fit in {dtype.name}")
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, dtype.itemsize, tokens.size).ljust(HEADER_BYTES, b"\0")
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(header)
-        f.write(tokens.astype(DTYPE, copy=False).tobytes())
+        f.write(tokens.astype(dtype, copy=False).tobytes())
 
 
 def shard_problem(path: Path, expected_tokens: int | None = None) -> str | None:
@@ -55,7 +56,7 @@ def shard_problem(path: Path, expected_tokens: int | None = None) -> str | None:
         return f"{path} is truncated ({size} bytes, shorter than its {HEADER_BYTES}-byte header)"
     with open(path, "rb") as f:
         magic, version, itemsize, n_tokens = _HEADER.unpack(f.read(_HEADER.size))
-    if magic != MAGIC or version != FORMAT_VERSION or itemsize != DTYPE.itemsize:
+    if magic != MAGIC or version != FORMAT_VERSION or itemsize not in DTYPES:
         return f"{path} is not a muonlab token shard (bad header)"
     if size != HEADER_BYTES + n_tokens * itemsize:
         return f"{path} is corrupt: its header says {n_tokens} tokens but it holds {(size - HEADER_BYTES) // itemsize}"
@@ -68,8 +69,9 @@ def read_shard(path: Path) -> np.memmap:
     problem = shard_problem(path)
     if problem:
         raise DataError(problem)
-    n_tokens = (Path(path).stat().st_size - HEADER_BYTES) // DTYPE.itemsize
-    return np.memmap(path, dtype=DTYPE, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+    with open(path, "rb") as f:
+        _, _, itemsize, n_tokens = _HEADER.unpack(f.read(_HEADER.size))
+    return np.memmap(path, dtype=DTYPES[itemsize], mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
 
 
 def write_meta(directory: Path, meta: dict) -> None:

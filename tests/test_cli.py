@@ -105,4 +105,5 @@ def test_a_streamed_corpus_without_a_token_cap_is_warned_about():
 
 def test_a_smaller_vocabulary_than_the_tokenizer_is_a_config_error(tmp_path, cache_dir):
     assert_clean_error(train(tmp_path, cache_dir, "model=llama_tiny", "model.vocab_size=32000"),
-                       "model.vocab_size=32000 is smaller than the tokenizer's 50257 tokens")
+                       "model.vocab_size=32000 is too small for tokenizer=gpt2, whose corpora hold ids up to 50256: use "
+                       "model.vocab_size=50257 or more (50304: padded to a multiple of 64)")

@@ -23,7 +23,10 @@ from trainer.metrics import MetricsError, read_metrics
 FORMAT = 2  # 2: the metrics.csv rows up to the checkpoint's step are kept in it
 # config entries that define the training trajectory: resuming with any of them changed is refused
 TRAJECTORY_KEYS = ("model", "data.name", "data.kind", "data.source", "data.val_fraction", "data.val_head_tokens",
-                   "data.seq_len", "data.batch_tokens", "data.seed", "optim", "schedule", "budget", "seed", "grad_clip")
+                   "data.seq_len", "data.batch_tokens", "data.seed", "data.eot", "data.packing", "tokenizer", "optim",
+                   "schedule", "budget", "seed", "grad_clip")
+# entries checkpoints written before they existed lack, with the value those runs had
+ADDED_LATER = {"data.eot": "append", "data.packing": True}
 
 
 def last_checkpoint_path(run_dir: Path) -> Path:
@@ -80,6 +83,9 @@ def _flatten(tree, prefix: str = "") -> dict:
 def trajectory_differences(saved: dict, current: dict) -> list[str]:
     """'key: saved -> current' for every trajectory-defining entry that differs."""
     saved_flat, current_flat = _flatten(saved), _flatten(current)
+    if "tokenizer.name" not in saved_flat and current_flat.get("tokenizer.name") == "gpt2":  # GPT-2 was the only one
+        saved_flat |= {k: v for k, v in current_flat.items() if k.startswith("tokenizer.")}
+    saved_flat = ADDED_LATER | saved_flat
     keys = sorted(k for k in set(saved_flat) | set(current_flat) if any(k == t or k.startswith(t + ".") for t in TRAJECTORY_KEYS))
     return [f"{k}: {saved_flat.get(k)!r} -> {current_flat.get(k)!r}" for k in keys if saved_flat.get(k) != current_flat.get(k)]
 

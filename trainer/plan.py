@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from data import N_VOCAB
+from data.tokenizer import TokenizerError, load_tokenizer
 from models import ModelConfigError, build_config, config_problems
 from optim.schedules import Schedule
 from trainer.errors import ConfigError
@@ -135,6 +135,22 @@ def eval_sequences(cfg: DictConfig) -> int:
     return max(1, tokens // seq_len)
 
 
+def vocabulary_problems(cfg: DictConfig, vocab_size: int) -> list[str]:
+    """The model must embed every id the tokenizer puts in a corpus (T5's 100 sentinels, which text never
+    encodes to, may lie past GaLore's vocab of 32000)."""
+    try:
+        tokenizer = load_tokenizer(OmegaConf.to_container(cfg.tokenizer, resolve=True))
+    except TokenizerError as e:
+        return [str(e)]
+    if vocab_size > tokenizer.max_id:
+        return []
+    padded = -(-(tokenizer.max_id + 1) // 64) * 64
+    return [f"model.vocab_size={vocab_size} is too small for tokenizer={tokenizer.name}, whose corpora hold ids up to "
+            f"{tokenizer.max_id}: use model.vocab_size={tokenizer.max_id + 1} or more ({padded}: padded to a multiple of "
+            f"64), or a smaller tokenizer (tokenizer=t5 or llama2: 32000); `python scripts/count_params.py model=... "
+            f"model.vocab_size={vocab_size}` still counts a model at {vocab_size}"]
+
+
 def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
     """Validate cfg and derive the plan; raises ConfigError listing every problem found (values that
     are not numbers first: the other checks compute with them)."""
@@ -146,12 +162,7 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
         model_config = build_config(OmegaConf.to_container(cfg.model, resolve=True))
         problems += config_problems(model_config)
         context = model_config.context_length
-        if 1 <= model_config.vocab_size < N_VOCAB:
-            problems.append(
-                f"model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's {N_VOCAB} tokens: muonlab "
-                f"tokenizes every corpus with GPT-2 BPE (no LLaMA or T5 tokenizer), so token ids up to {N_VOCAB - 1} must "
-                f"have embeddings. Use model.vocab_size={N_VOCAB}, or 50304 (padded to a multiple of 64); "
-                f"`python scripts/count_params.py model=... model.vocab_size=32000` still counts a model at 32000")
+        problems += vocabulary_problems(cfg, model_config.vocab_size)
     except ModelConfigError as e:
         problems.append(str(e))
 
