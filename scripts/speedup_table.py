@@ -1,6 +1,11 @@
 """Tokens-to-target speedup tables from multirun directories.
 
     python scripts/speedup_table.py runs/cpu_repro/seeds --baseline muon [--target 4.7] [--out results/table]
+                                    [--metric val_loss|val_bpb|val_ppl]
+
+The metric (default val_loss, nats per token) is what curves, finals and the target are in. Nats per
+token compare only runs of one tokenizer, so with them a group is also split by tokenizer; val_bpb
+(bits per UTF-8 byte) compares a GPT-2-BPE run with a T5 or LLaMA one, in one group.
 
 Every run dir below the given directories (metrics.csv + Hydra's .hydra/ record) is read; runs are
 grouped by model and data, and within a group into arms: one optimizer (and lr, when several lrs of
@@ -54,6 +59,7 @@ class Run:
     choices: dict  # Hydra's group choices (optim, model, data, ...)
     config: dict  # the resolved config
     rows: list[dict]
+    metric: str = "val_loss"
 
     @property
     def budget(self) -> int:
@@ -65,22 +71,22 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return bool(self.rows) and self.rows[-1]["step"] == self.total_steps and "val_loss" in self.rows[-1]
+        return bool(self.rows) and self.rows[-1]["step"] == self.total_steps and self.metric in self.rows[-1]
 
     @property
     def final_loss(self) -> float:
-        return self.rows[-1]["val_loss"]
+        return self.rows[-1][self.metric]
 
     @property
     def evals(self) -> list[tuple[int, float]]:
-        return [(r["tokens"], r["val_loss"]) for r in self.rows if "val_loss" in r]
+        return [(r["tokens"], r[self.metric]) for r in self.rows if self.metric in r]
 
     @property
     def step_seconds(self) -> float:
         return statistics.median(self.config["data"]["batch_tokens"] / r["tokens_per_s"] for r in self.rows)
 
 
-def find_runs(roots: list[Path]) -> list[Run]:
+def find_runs(roots: list[Path], metric: str = "val_loss") -> list[Run]:
     """Every run dir below the roots: a folder holding metrics.csv and Hydra's .hydra/ record."""
     runs = []
     for root in roots:
@@ -89,7 +95,7 @@ def find_runs(roots: list[Path]) -> list[Run]:
             if (hydra_dir / "hydra.yaml").is_file() and (hydra_dir / "config.yaml").is_file():
                 choices = dict(OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.choices)
                 config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)
-                runs.append(Run(metrics.parent, choices, config, read_metrics(metrics)))
+                runs.append(Run(metrics.parent, choices, config, read_metrics(metrics), metric))
     return runs
 
 
@@ -225,7 +231,12 @@ def arms_of(runs: list[Run]) -> list[Arm]:
 
 
 def group_key(run: Run) -> tuple[str, str]:
-    return run.choices.get("model", "?"), run.choices.get("data", "?")
+    """(model, data); per token, also the tokenizer (runs before the tokenizer group used GPT-2's)."""
+    data = run.choices.get("data", "?")
+    if run.metric != "val_bpb":
+        tokenizer = run.choices.get("tokenizer", "gpt2")
+        data = data if tokenizer == "gpt2" else f"{data} ({tokenizer})"
+    return run.choices.get("model", "?"), data
 
 
 def analyse(runs: list[Run], baseline: str, target: float | None) -> list[dict]:
@@ -275,10 +286,11 @@ def fmt(x, spec: str, missing: str = "-") -> str:
     return missing if x is None else format(x, spec)
 
 
-def markdown(rows: list[dict], model: str, data: str, baseline: str) -> str:
+def markdown(rows: list[dict], model: str, data: str, baseline: str, metric: str = "val_loss") -> str:
     target = rows[0]["target"]
-    lines = [f"**{model} on {data}**, target val loss {target:.4f} (baseline {baseline})", "",
-             "| optim | budget | n | final val loss | tokens to target | speedup (95 % CI) | p(final < target) | D_eff/D | time/step | grad evals |",
+    name = metric.replace("_", " ")
+    lines = [f"**{model} on {data}**, target {name} {target:.4f} (baseline {baseline})", "",
+             f"| optim | budget | n | final {name} | tokens to target | speedup (95 % CI) | p(final < target) | D_eff/D | time/step | grad evals |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tokens = f"{r['tokens_to_target']:,.0f}" if r["tokens_to_target"] else "not reached"
@@ -318,7 +330,7 @@ def plot(groups: dict, out: Path) -> None:
                 ax.fill_between(tokens, [min(c[t] for c in curves) for t in tokens], [max(c[t] for c in curves) for t in tokens],
                                 alpha=0.15, color=color)
         ax.axhline(rows[0]["target"], color="black", linestyle="--", linewidth=1, label=f"target {rows[0]['target']:.3f}")
-        ax.set(xlabel="tokens", ylabel="validation loss", title=f"{model} on {data}")
+        ax.set(xlabel="tokens", ylabel=arms[0].runs[0].metric.replace("val_", "validation "), title=f"{model} on {data}")
         ax.set_ylim(top=min(ax.get_ylim()[1], rows[0]["target"] + 1.5))
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=columns)
         ax.grid(alpha=0.3)
@@ -331,11 +343,13 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dirs", type=Path, nargs="+", help="multirun directories (or any folders of run dirs)")
     parser.add_argument("--baseline", default="muon", help="the optim choice speedups are relative to (default: muon)")
-    parser.add_argument("--target", type=float, help="target val loss (default: the baseline's mean final val loss)")
+    parser.add_argument("--target", type=float, help="target in --metric (default: the baseline's mean final value)")
+    parser.add_argument("--metric", default="val_loss", choices=["val_loss", "val_bpb", "val_ppl"],
+                        help="what the curves and the target are in (default: val_loss; val_bpb compares tokenizers)")
     parser.add_argument("--out", type=Path, help="prefix of the .md, .csv and .png outputs (default: <first dir>/speedup_table)")
     args = parser.parse_args(argv)
     try:
-        runs = find_runs(args.dirs)
+        runs = find_runs(args.dirs, args.metric)
         if not runs:
             raise TableError(f"no run dirs (metrics.csv + .hydra/) under {', '.join(map(str, args.dirs))}")
         unfinished = [r for r in runs if not r.finished]
@@ -354,7 +368,7 @@ def main(argv: list[str]) -> int:
     except TableError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = "\n\n".join(markdown(rows, model, data, args.baseline) for (model, data), (_, rows) in groups.items())
+    text = "\n\n".join(markdown(rows, model, data, args.baseline, args.metric) for (model, data), (_, rows) in groups.items())
     if unfinished:
         text += "\n\nLeft out (unfinished or failed):\n" + "\n".join(
             f"- {r.path}: step {r.rows[-1]['step'] if r.rows else 0} of {r.total_steps}" for r in unfinished)

@@ -12,20 +12,23 @@ from conftest import ROOT, TINY, load_script, run_cli
 table = load_script("speedup_table")
 
 
-def fake_run(root, name, optim, evals, budget=None, batch=100, data="shakespeare", lr=0.01, tokens_per_s=1000.0):
-    """A run dir: evals = [(tokens, val_loss)], one metrics row per step of `batch` tokens."""
+def fake_run(root, name, optim, evals, budget=None, batch=100, data="shakespeare", lr=0.01, tokens_per_s=1000.0,
+             tokenizer=None, bits_per_nat=None):
+    """A run dir: evals = [(tokens, val_loss)], one metrics row per step of `batch` tokens; with
+    `bits_per_nat`, a val_bpb column = val_loss x bits_per_nat."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     budget = budget or evals[-1][0]
-    choices = {"optim": optim, "model": "gpt2_tiny", "data": data}
+    choices = {"optim": optim, "model": "gpt2_tiny", "data": data, **({"tokenizer": tokenizer} if tokenizer else {})}
     (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
         {"budget": {"tokens": budget}, "data": {"batch_tokens": batch}, "optim": {"lr": lr}}))
     val = dict(evals)
-    lines = ["tokens,step,train_loss,val_loss,grad_evals,tokens_per_s,elapsed_s"]
+    lines = ["tokens,step,train_loss,val_loss,val_bpb,grad_evals,tokens_per_s,elapsed_s"]
     for step in range(1, budget // batch + 1):
         tokens = step * batch
-        lines.append(f"{tokens},{step},9.0,{val.get(tokens, '')},{step},{tokens_per_s},{step / 10}")
+        bpb = val[tokens] * bits_per_nat if bits_per_nat and tokens in val else ""
+        lines.append(f"{tokens},{step},9.0,{val.get(tokens, '')},{bpb},{step},{tokens_per_s},{step / 10}")
     (run / "metrics.csv").write_text("\n".join(lines) + "\n")
     return run
 
@@ -33,6 +36,22 @@ def fake_run(root, name, optim, evals, budget=None, batch=100, data="shakespeare
 def curve(final, slope=1.0, tokens=(200, 400, 600, 800, 1000)):
     """A decreasing curve ending at `final`: loss = final + slope * (1000 - t) / 1000."""
     return [(t, final + slope * (1000 - t) / 1000) for t in tokens]
+
+
+def test_bits_per_byte_put_runs_of_two_tokenizers_in_one_table(tmp_path):
+    """Per token, a T5 run is its own group (its nats are not GPT-2's); in bits per byte the two compare:
+    muon on GPT-2 BPE (0.5 bits per nat) ends at 2.0 bpb, muon2 on T5 (0.4 bits per nat) reaches 2.0 bpb
+    where its loss is 5.0, at t = 500 of 1000."""
+    fake_run(tmp_path, "gpt2", "muon", curve(4.0), bits_per_nat=0.5)
+    fake_run(tmp_path, "t5", "muon2", curve(4.5, tokens=(200, 400, 500, 600, 800, 1000)), tokenizer="t5", bits_per_nat=0.4)
+    per_token = run_cli("scripts/speedup_table.py", str(tmp_path), "--baseline", "muon", "--out", str(tmp_path / "a"))
+    assert per_token.returncode == 2 and "no finished run of the baseline optim=muon" in per_token.stderr
+    result = run_cli("scripts/speedup_table.py", str(tmp_path), "--baseline", "muon", "--metric", "val_bpb",
+                     "--out", str(tmp_path / "b"))
+    assert result.returncode == 0, result.stderr
+    assert "**gpt2_tiny on shakespeare**, target val bpb 2.0000 (baseline muon)" in result.stdout
+    rows = {line.split("|")[1].strip(): line for line in rows_of(result.stdout)}
+    assert "| muon2 | 1,000 | 1 | 1.8000 ± 0.0000 | 500 | 2.00x |" in rows["muon2"]
 
 
 def test_crossing_interpolates_between_evaluations_and_never_extrapolates():

@@ -1,4 +1,12 @@
-"""Validation: the mean next-token loss over the fixed validation windows."""
+"""Validation: the mean next-token loss over the fixed validation windows, and what it is in perplexity
+and in bits per byte:
+
+    val_loss = Σ −ln p(target) / N          nats per target token (N targets)
+    val_ppl  = exp(val_loss)
+    val_bpb  = Σ −ln p(target) / (ln 2 · B)  bits per UTF-8 byte, B = the bytes the N targets stand for
+                                             (the tokenizer's piece_bytes), so runs with different
+                                             tokenizers compare (nats per token do not)
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,19 @@ import math
 from typing import Callable
 
 import torch
+
+
+def target_bytes(windows: torch.Tensor, piece_bytes) -> int:
+    """B: the UTF-8 bytes of the validation targets (every window's tokens after its first)."""
+    return int(torch.as_tensor(piece_bytes)[windows[:, 1:]].sum())
+
+
+def validation_metrics(loss: float, windows: torch.Tensor, n_bytes: int | None) -> dict[str, float]:
+    """val_loss, val_ppl and (when the targets' bytes are known) val_bpb of a mean loss over `windows`."""
+    metrics = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+    if n_bytes:
+        metrics["val_bpb"] = loss * windows[:, 1:].numel() / (math.log(2) * n_bytes)
+    return metrics
 
 
 @torch.no_grad()

@@ -1,6 +1,8 @@
 """metrics.csv: one row per optimizer step, the source of truth for every analysis script.
 
-Columns: tokens, step, train_loss, val_loss (on evaluation steps; empty otherwise), lr_<group> for
+Columns: tokens, step, train_loss, val_loss (nats per target token), val_ppl (exp(val_loss)) and
+val_bpb (bits per UTF-8 byte of the validation text, comparable across tokenizers; trainer/evaluation.py)
+on evaluation steps (empty otherwise), lr_<group> for
 every optimizer group, grad_norm (before clipping), grad_evals, tokens_per_s, mfu (model FLOPs
 utilisation, trainer/throughput.py), peak_memory_gb, elapsed_s (training wall time, summed over
 resumed sessions), then any columns callbacks add. A new column rewrites the file with
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from data.files import atomic_file
 
-LEADING = ("tokens", "step", "train_loss", "val_loss")
+LEADING = ("tokens", "step", "train_loss", "val_loss", "val_ppl", "val_bpb")
 
 
 class MetricsError(ValueError):

@@ -30,7 +30,7 @@ from optim.hybrid import HybridOptimizer
 from optim.qk_clip import QKClip
 from trainer.checkpoint import FORMAT, align_batch_counters, last_checkpoint_path, number_by_position, save_atomic
 from trainer.errors import NonFiniteLossError
-from trainer.evaluation import evaluate
+from trainer.evaluation import evaluate, validation_metrics
 from trainer.optimizers import print_routing
 from trainer.parallel import fsdp_mesh, is_fsdp, shard_model
 from trainer.plan import RunPlan
@@ -41,11 +41,12 @@ from trainer.step_summary import StepSummary, summarize
 
 class LanguageModel(L.LightningModule):
     def __init__(self, plan: RunPlan, model: torch.nn.Module, build_optimizer: Callable[[torch.nn.Module], HybridOptimizer],
-                 train_tokens: TokenStream, val_windows: torch.Tensor, resume_rows: list[dict] = ()):
+                 train_tokens: TokenStream, val_windows: torch.Tensor, resume_rows: list[dict] = (), val_bytes: int | None = None):
         super().__init__()
         self.plan, self.model, self.build_optimizer = plan, model, build_optimizer
         self.automatic_optimization = not plan.lookahead
         self.train_tokens, self.val_windows = train_tokens, val_windows
+        self.val_bytes = val_bytes  # the UTF-8 bytes the validation targets stand for (val_bpb)
         self.resume_rows = resume_rows  # metrics.csv's rows up to the checkpoint resumed from
         self.step_metrics = StepMetrics(plan)  # the rows of metrics.csv; callbacks add columns through it
         self.checkpoint_path = last_checkpoint_path(plan.run_dir)
@@ -188,7 +189,7 @@ class LanguageModel(L.LightningModule):
         row = self.step_metrics.row(step, summary.loss, self._step_lrs, summary.grad_norm, self.device,
                                     more=summary.qk_columns)
         if self.plan.eval_due(step):
-            row["val_loss"] = self.evaluate()
+            row.update(validation_metrics(self.evaluate(), self.val_windows, self.val_bytes))
         self.step_metrics.publish(row, self.trainer.loggers)
         self.stopped_by = summary.stop_signal
         if self.plan.checkpoint_due(step) or self.stopped_by:

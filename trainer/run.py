@@ -20,9 +20,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from data import open_dataset, validation_windows
+from data.tokenizer import load_tokenizer
 from models import build_model
 from trainer.checkpoint import last_checkpoint_path, rows_to_resume, verify_checkpoint
 from trainer.errors import ConfigError
+from trainer.evaluation import target_bytes
 from trainer.host_memory import keep_freed_memory
 from trainer.loggers import build_loggers
 from trainer.metrics import MetricsCSV
@@ -73,6 +75,7 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
 
     tokens = open_dataset(cfg.data)
     val = validation_windows(tokens.splits["val"], plan.seq_len, plan.eval_tokens)
+    val_bytes = target_bytes(val, load_tokenizer(OmegaConf.to_container(cfg.tokenizer, resolve=True)).piece_bytes())
     if len(tokens.splits["val"]) < plan.eval_tokens:
         say(f"note: eval.tokens={plan.eval_tokens:,} but the validation split holds {len(tokens.splits['val']):,} "
             f"tokens; evaluating on all of them")
@@ -94,7 +97,7 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
     model = build_model(OmegaConf.to_container(cfg.model, resolve=True))
     model.activation_checkpointing = bool(cfg.activation_checkpointing)
     module = LanguageModel(plan, model, functools.partial(build_optimizer, optim_cfg=cfg.optim), tokens.splits["train"], val,
-                           resume_rows=rows)
+                           resume_rows=rows, val_bytes=val_bytes)
     chosen = build_callbacks(cfg.callbacks) + list(callbacks)
     quiet_lightning()
     trainer = L.Trainer(
