@@ -30,24 +30,33 @@ def validation_metrics(loss: float, windows: torch.Tensor, n_bytes: int | None) 
 
 
 @torch.no_grad()
+def loss_sum(loss: Callable, windows: torch.Tensor, micro_batch: int, device: torch.device, passes: int | None = None,
+             pad_with: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ over windows of loss(inputs, targets), number of windows) in float64, `micro_batch` windows a
+    forward. With `passes`, exactly that many forwards, those past the windows on `pad_with` weighted zero
+    (every FSDP rank must run as many as the others)."""
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    for i in range(passes if passes is not None else math.ceil(len(windows) / micro_batch)):
+        chunk = windows[i * micro_batch : (i + 1) * micro_batch]
+        weight = len(chunk)
+        chunk = (chunk if weight else pad_with).to(device)
+        total += loss(chunk[:, :-1], chunk[:, 1:]).double() * weight
+        count += weight
+    return total, count
+
+
 def evaluate(model: torch.nn.Module, loss: Callable, windows: torch.Tensor, micro_batch: int, trainer) -> float:
     """Mean `loss(inputs, targets)` over `windows` (split across ranks). Every rank runs the same
     number of forward passes (FSDP gathers weights in each), the short ones on an empty remainder
     that counts zero."""
     was_training = model.training
     model.eval()
-    world, device, strategy = trainer.world_size, trainer.strategy.root_device, trainer.strategy
-    mine = windows[trainer.global_rank :: world]
-    total = torch.zeros((), device=device, dtype=torch.float64)
-    count = torch.zeros((), device=device, dtype=torch.float64)
+    world, strategy = trainer.world_size, trainer.strategy
     passes = math.ceil(math.ceil(len(windows) / world) / micro_batch)
     with trainer.precision_plugin.forward_context():
-        for i in range(passes):
-            chunk = mine[i * micro_batch : (i + 1) * micro_batch]
-            weight = len(chunk)
-            chunk = (chunk if weight else windows[:1]).to(device)
-            total += loss(chunk[:, :-1], chunk[:, 1:]).double() * weight
-            count += weight
+        total, count = loss_sum(loss, windows[trainer.global_rank :: world], micro_batch, strategy.root_device, passes,
+                                pad_with=windows[:1])
     total = strategy.reduce(total, reduce_op="sum")
     count = strategy.reduce(count, reduce_op="sum")
     model.train(was_training)
