@@ -18,11 +18,11 @@ class TrainBatches(IterableDataset):
     round-robin turns back into the original order."""
 
     def __init__(self, stream: TokenStream, seq_len: int, seqs_per_step: int, micro_batch: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, packed: bool = True):
         if (seqs_per_step // world_size) % micro_batch:
             raise ValueError(f"{seqs_per_step // world_size} sequences per rank do not split into micro-batches of {micro_batch}")
         self.stream, self.seq_len, self.seqs_per_step, self.micro_batch = stream, seq_len, seqs_per_step, micro_batch
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.packed = seed, rank, world_size, packed
         self.start_step = 0
         self._sampler: SequenceSampler | None = None
 
@@ -32,7 +32,7 @@ class TrainBatches(IterableDataset):
 
     def load(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         if self._sampler is None:  # built lazily, so that DataLoader workers each build their own
-            self._sampler = SequenceSampler(len(self.stream), self.seq_len, self.seed)
+            self._sampler = SequenceSampler(len(self.stream), self.seq_len, self.seed, self.packed)
         windows = np.stack([self.stream.window(int(s), self.seq_len + 1) for s in self._sampler.starts(indices)])
         tokens = torch.from_numpy(windows)
         return tokens[:, :-1], tokens[:, 1:]
@@ -53,10 +53,15 @@ class TrainBatches(IterableDataset):
             step += 1
 
 
-def validation_windows(stream: TokenStream, seq_len: int, max_tokens: int) -> torch.Tensor:
+def validation_windows(stream: TokenStream, seq_len: int, max_tokens: int, packed: bool = True) -> torch.Tensor:
     """The fixed validation set: consecutive, non-overlapping windows of seq_len + 1 tokens over the
-    first `max_tokens` tokens of the split (shape (n, seq_len + 1))."""
+    first `max_tokens` tokens of the split (shape (n, seq_len + 1)); unpacked, its first rows (documents)."""
     n_tokens = min(len(stream), max_tokens)
+    if not packed:
+        n = n_tokens // (seq_len + 1)
+        if n < 1:
+            raise ValueError(f"the validation split ({len(stream)} tokens, eval.tokens={max_tokens}) holds no row of {seq_len} + 1 tokens")
+        return torch.from_numpy(stream.window(0, n * (seq_len + 1)).reshape(n, seq_len + 1))
     n = (n_tokens - 1) // seq_len
     if n < 1:
         raise ValueError(f"the validation split ({len(stream)} tokens, eval.tokens={max_tokens}) holds no sequence of {seq_len} + 1 tokens")

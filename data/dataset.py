@@ -16,6 +16,9 @@ KINDS = ("text", "hf")
 def _check_kind(cfg: Mapping) -> None:
     if cfg["kind"] not in KINDS:
         raise DataError(f"data.kind={cfg['kind']!r} is not one of {list(KINDS)}")
+    if cfg["kind"] == "text" and not cfg.get("packing", True):
+        raise DataError(f"data.packing=false pads each document to data.seq_len, but data={cfg['name']} is one document "
+                        f"(a text file); use a corpus of documents (data=c4, openwebtext, fineweb, ...)")
 
 
 def dataset_dir(cfg: Mapping) -> Path:

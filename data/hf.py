@@ -114,8 +114,15 @@ def hf_dataset_dir(cfg: Mapping) -> Path:
     }
     if cfg["val_head_tokens"] is not None:  # only when set, so the C4 / OpenWebText caches keep their names
         fingerprint["val_head_tokens"] = cfg["val_head_tokens"]
+    if row_length(cfg):
+        fingerprint["unpacked_row_len"] = row_length(cfg)
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:10]
     return Path(cfg["cache_dir"]) / f"{cfg['name']}-{digest}"
+
+
+def row_length(cfg: Mapping) -> int | None:
+    """data.packing=false: each document in a row of seq_len + 1 tokens (data/prepare.py unpacked_rows)."""
+    return None if cfg.get("packing", True) else int(cfg["seq_len"]) + 1
 
 
 def check_validation_rule(cfg: Mapping) -> None:
@@ -123,6 +130,8 @@ def check_validation_rule(cfg: Mapping) -> None:
     head = cfg["val_head_tokens"]
     if head is None:
         return
+    if row_length(cfg):
+        raise DataError(f"data.val_head_tokens={head} cuts the packed token stream: it needs data.packing=true")
     if cfg["val_fraction"] is not None or cfg["val_max_tokens"] is not None:
         raise DataError(f"data.val_head_tokens={head} makes the validation split (the first {head} tokens of the train "
                         f"stream): set data.val_fraction=null and data.val_max_tokens=null, or data.val_head_tokens=null")
@@ -145,7 +154,8 @@ def prepare_hf(cfg: Mapping) -> Path:
     hf_cache = Path(cfg["cache_dir"]) / "hf"
     field = cfg["text_field"]
     texts = lambda ds: (row[field] for row in ds)  # noqa: E731
-    batches = lambda ds: tokenize(texts(ds), cfg["eot"], int(cfg["num_proc"]), tokenizer=cfg.get("tokenizer"))  # noqa: E731
+    batches = lambda ds: tokenize(texts(ds), cfg["eot"], int(cfg["num_proc"]), tokenizer=cfg.get("tokenizer"),  # noqa: E731
+                                  row_len=row_length(cfg))
     held_out, head = cfg["val_fraction"] is not None, cfg["val_head_tokens"]
     if head is not None:  # one train stream: its first `head` tokens are validation (llm.c's FineWeb split)
         train = load_split(cfg, "train", files["train"] if files else None, hf_cache)
@@ -163,6 +173,7 @@ def prepare_hf(cfg: Mapping) -> Path:
         rule = "the dataset's own validation split"
     meta = base_meta(cfg["name"], cfg["eot"], source_description(cfg), rule, cfg["val_seed"] if held_out else None,
                      cfg.get("tokenizer"))
+    meta["packing"] = {"packed": row_length(cfg) is None, "row_len": row_length(cfg)}
     meta["config"] = {k: cfg[k] for k in ("hf_path", "hf_name", "hf_revision", "text_field", "val_fraction", "val_seed",
                                           "val_head_tokens", "max_tokens")}
     for split, source in sources.items():  # datasets, or (val_head_tokens) token batches already

@@ -19,19 +19,40 @@ import numpy as np
 from tqdm import tqdm
 
 from data.shards import FORMAT_VERSION, write_meta, write_shard
-from data.tokenizer import RANKS_SHA256, load_tokenizer
+from data.tokenizer import RANKS_SHA256, TokenizerError, load_tokenizer
 
 
-def encode_batch(texts: list[str], eot_placement: str = "append", tokenizer: Mapping | None = None) -> np.ndarray:
-    """One array (the tokenizer's shard dtype): every document's tokens with its boundary tokens, in order."""
+def encode_batch(texts: list[str], eot_placement: str = "append", tokenizer: Mapping | None = None,
+                 row_len: int | None = None) -> np.ndarray:
+    """One array (the tokenizer's shard dtype): every document's tokens with its boundary tokens, in order;
+    with `row_len` (data.packing=false) each document in a row of its own (see unpacked_rows)."""
     tok = load_tokenizer(tokenizer)
     before, after = tok.boundary(eot_placement)
     docs = tok.encode_batch(texts)
+    if row_len is not None:
+        return unpacked_rows(docs, before, after, row_len, tok).ravel()
     return np.fromiter(itertools.chain.from_iterable(before + doc + after for doc in docs), dtype=tok.dtype)
 
 
-def _encode_counted(texts: list[str], eot_placement: str, tokenizer: Mapping | None) -> tuple[np.ndarray, int]:
-    return encode_batch(texts, eot_placement, tokenizer), len(texts)
+def unpacked_rows(docs: list[list[int]], before: list[int], after: list[int], row_len: int, tok) -> np.ndarray:
+    """One row of `row_len` = seq_len + 1 tokens per document: its text truncated so that, with its boundary
+    tokens, it fills at most seq_len positions (GaLore: max_length=256, truncation keeps </s>), then the pad.
+    A row's last token is always a pad: seq_len inputs and seq_len targets, the last target masked."""
+    if tok.pad_id is None:
+        raise TokenizerError(f"data.packing=false pads every document: tokenizer={tok.name} has no pad token (set "
+                             f"tokenizer.pad_token)")
+    keep = row_len - 1 - len(before) - len(after)
+    if keep < 1:
+        raise TokenizerError(f"data.seq_len={row_len - 1} leaves no room for text beside the boundary tokens")
+    rows = np.full((len(docs), row_len), tok.pad_id, dtype=tok.dtype)
+    for row, doc in zip(rows, docs):
+        ids = before + doc[:keep] + after
+        row[:len(ids)] = ids
+    return rows
+
+
+def _encode_counted(texts: list[str], eot_placement: str, tokenizer: Mapping | None, row_len: int | None) -> tuple[np.ndarray, int]:
+    return encode_batch(texts, eot_placement, tokenizer, row_len), len(texts)
 
 
 def batched(items: Iterable, n: int) -> Iterator[list]:
@@ -40,11 +61,11 @@ def batched(items: Iterable, n: int) -> Iterator[list]:
 
 
 def tokenize(texts: Iterable[str], eot_placement: str = "append", num_proc: int = 1, docs_per_batch: int = 256,
-             tokenizer: Mapping | None = None) -> Iterator[tuple[np.ndarray, int]]:
-    """(tokens, n_documents) per batch of documents, in document order."""
-    load_tokenizer(tokenizer).boundary(eot_placement)  # a bad placement or tokenizer fails here, not in a worker
+             tokenizer: Mapping | None = None, row_len: int | None = None) -> Iterator[tuple[np.ndarray, int]]:
+    """(tokens, n_documents) per batch of documents, in document order (rows of `row_len`: unpacked)."""
+    encode_batch([], eot_placement, tokenizer, row_len)  # a bad placement, tokenizer or pad fails here, not in a worker
     batches = batched(texts, docs_per_batch)
-    encode = functools.partial(_encode_counted, eot_placement=eot_placement, tokenizer=tokenizer)
+    encode = functools.partial(_encode_counted, eot_placement=eot_placement, tokenizer=tokenizer, row_len=row_len)
     if num_proc <= 1:
         yield from map(encode, batches)
         return

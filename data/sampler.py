@@ -18,13 +18,16 @@ import numpy as np
 
 
 class SequenceSampler:
-    def __init__(self, n_tokens: int, seq_len: int, seed: int):
-        self.seq_len = seq_len
+    """Packed: the windows above. Unpacked (data.packing=false): the split is rows of T + 1 tokens, one
+    document each; epoch e visits them in the order of perm_e, start(g) = (T + 1) · perm_e[g mod S]."""
+
+    def __init__(self, n_tokens: int, seq_len: int, seed: int, packed: bool = True):
         self.seed = seed
-        self.per_epoch = (n_tokens - 1) // seq_len
+        self.stride = seq_len if packed else seq_len + 1
+        self.per_epoch = (n_tokens - 1) // seq_len if packed else n_tokens // (seq_len + 1)
         if self.per_epoch < 1:
             raise ValueError(f"a split of {n_tokens} tokens holds no sequence of {seq_len} + 1 tokens")
-        self.slack = n_tokens - 1 - self.per_epoch * seq_len
+        self.slack = n_tokens - 1 - self.per_epoch * seq_len if packed else 0
         self._epoch: int | None = None
         self._perm: np.ndarray | None = None
         self._offset = 0
@@ -44,7 +47,7 @@ class SequenceSampler:
         for epoch in np.unique(epochs):
             self._load_epoch(int(epoch))
             mask = epochs == epoch
-            out[mask] = self._offset + self.seq_len * self._perm[positions[mask]]
+            out[mask] = self._offset + self.stride * self._perm[positions[mask]]
         return out
 
 

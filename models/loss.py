@@ -1,7 +1,8 @@
 """Next-token cross-entropy from the last hidden states, the vocabulary-sized logits made a chunk of
 positions at a time.
 
-    loss = mean_t −log softmax(W h_t)[y_t]        W: the LM head (vocab × width)
+    loss = mean_t −log softmax(W h_t)[y_t]        W: the LM head (vocab × width); targets y_t = −100
+                                                 (IGNORE: the pads of unpacked documents) count nowhere
 
 The full logits of a long-sequence batch are the largest tensor of a step: 4 sequences of 4096 tokens
 at GPT-2's 50,304 words are 824M numbers, 1.6 GB in bf16 and 3.3 GB again for the fp32 copy the
@@ -17,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 CHUNK_ELEMENTS = 2**26  # logits per chunk: 64M numbers, 256 MB in fp32
+IGNORE = -100  # F.cross_entropy's ignore_index: a target that is not one
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
@@ -27,7 +29,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.
     rows = max(1, chunk_elements // head.out_features)
     total = sum(F.cross_entropy(_at_least_fp32(head(hidden[i:i + rows])), targets[i:i + rows], reduction="sum")
                 for i in range(0, len(targets), rows))
-    return total / len(targets)
+    return total / (targets != IGNORE).sum().clamp(min=1)
 
 
 def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,8 @@ from data.files import atomic_file
 from data.tokenizer import TokenizerError, load_tokenizer, write_tokenizer_files
 from models import build_model
 from models.hf_export import ExportError, export_model, load_checkpoint
-from trainer.evaluation import loss_sum, target_bytes, validation_metrics
+from models.loss import IGNORE
+from trainer.evaluation import loss_sum, target_bytes, target_count, validation_metrics
 
 GROUPS = ("data", "tokenizer")  # overrides that pick a config file of their group rather than set a value
 
@@ -56,16 +57,17 @@ def evaluation_config(saved: dict, overrides: list[str]):
 
 
 def validation(model: torch.nn.Module, cfg, device: torch.device) -> dict:
-    tokenizer = OmegaConf.to_container(cfg.tokenizer, resolve=True)
+    tokenizer = load_tokenizer(OmegaConf.to_container(cfg.tokenizer, resolve=True))
     tokens = open_dataset(OmegaConf.to_container(cfg.data, resolve=True))
-    seq_len = int(cfg.data.seq_len)
-    windows = validation_windows(tokens.splits["val"], seq_len, int(cfg.eval.tokens))
+    seq_len, packed = int(cfg.data.seq_len), bool(cfg.data.get("packing", True))
+    pad_id = None if packed else tokenizer.pad_id
+    windows = validation_windows(tokens.splits["val"], seq_len, int(cfg.eval.tokens), packed)
     micro_batch = max(1, int(cfg.eval.get("batch_tokens") or int(cfg.data.micro_batch) * seq_len) // seq_len)
-    total, count = loss_sum(model, windows, micro_batch, device)
-    total, count = float(total), float(count)
-    metrics = validation_metrics(total / count, windows, target_bytes(windows, load_tokenizer(tokenizer).piece_bytes()))
-    return {**metrics, "tokens": int(windows[:, 1:].numel()), "data": cfg.data.name, "tokenizer": cfg.tokenizer.name,
-            "seq_len": seq_len}
+    loss = model if pad_id is None else lambda x, y: model(x, y.masked_fill(y == pad_id, IGNORE))
+    total, count = loss_sum(loss, windows, micro_batch, device, pad_id=pad_id)
+    metrics = validation_metrics(float(total / count), windows, target_bytes(windows, tokenizer.piece_bytes()), pad_id)
+    return {**metrics, "tokens": target_count(windows, pad_id), "data": cfg.data.name, "tokenizer": tokenizer.name,
+            "seq_len": seq_len, "packing": packed}
 
 
 def lm_eval_tasks(config: dict, state_dict: dict, out_dir: Path, tasks: list[str], include: Path | None,

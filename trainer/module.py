@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from data import TokenStream, TrainBatches
 from models.blocks import compile_blocks
+from models.loss import IGNORE
 from optim.distributed import global_norm, local_tensors
 from optim.hybrid import HybridOptimizer
 from optim.qk_clip import QKClip
@@ -75,7 +76,7 @@ class LanguageModel(L.LightningModule):
     def train_dataloader(self) -> DataLoader:
         plan = self.plan
         batches = TrainBatches(self.train_tokens, plan.seq_len, plan.seqs_per_step, plan.micro_batch,
-                               seed=plan.data_seed, rank=self.global_rank, world_size=plan.world_size)
+                               seed=plan.data_seed, rank=self.global_rank, world_size=plan.world_size, packed=plan.packed)
         batches.start_step = self.trainer.global_step  # already restored when resuming
         self.train_batches = batches
         return DataLoader(batches, batch_size=None, num_workers=plan.num_workers, persistent_workers=plan.num_workers > 0,
@@ -95,6 +96,8 @@ class LanguageModel(L.LightningModule):
 
     # ---- the step ----------------------------------------------------------------------------
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.plan.pad_id is not None:  # unpacked documents: their pads are no targets
+            targets = targets.masked_fill(targets == self.plan.pad_id, IGNORE)
         return self.model(inputs, targets)  # fp32 cross-entropy over chunks of the logits (models/loss.py)
 
     def training_step(self, batch, batch_idx):
@@ -189,7 +192,7 @@ class LanguageModel(L.LightningModule):
         row = self.step_metrics.row(step, summary.loss, self._step_lrs, summary.grad_norm, self.device,
                                     more=summary.qk_columns)
         if self.plan.eval_due(step):
-            row.update(validation_metrics(self.evaluate(), self.val_windows, self.val_bytes))
+            row.update(validation_metrics(self.evaluate(), self.val_windows, self.val_bytes, self.plan.pad_id))
         self.step_metrics.publish(row, self.trainer.loggers)
         self.stopped_by = summary.stop_signal
         if self.plan.checkpoint_due(step) or self.stopped_by:
@@ -200,7 +203,7 @@ class LanguageModel(L.LightningModule):
         self.step_metrics.restart_clock(step)  # eval and checkpoint time excluded
 
     def evaluate(self) -> float:
-        return evaluate(self.model, self.loss, self.val_windows, self.plan.eval_micro_batch, self.trainer)
+        return evaluate(self.model, self.loss, self.val_windows, self.plan.eval_micro_batch, self.trainer, self.plan.pad_id)
 
     # ---- checkpoint --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

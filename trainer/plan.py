@@ -39,6 +39,8 @@ class RunPlan:
     precision: str  # trainer.precision
     peak_flops: float | None  # per device, for the mfu column; None: measured
     compile: bool
+    packed: bool  # data.packing
+    pad_id: int | None  # unpacked: the pad id, whose targets the loss ignores
     data_seed: int
     num_workers: int
     run_dir: Path
@@ -201,6 +203,14 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
     except ConfigError as e:
         problems.append(str(e))
     problems += setting_problems(cfg)
+    packed = bool(cfg.data.get("packing", True))
+    if not packed and not problems:
+        try:
+            if load_tokenizer(OmegaConf.to_container(cfg.tokenizer, resolve=True)).pad_id is None:
+                problems.append(f"data.packing=false pads every document: tokenizer={cfg.tokenizer.name} has no pad token "
+                                f"(set tokenizer.pad_token, or data.packing=true)")
+        except TokenizerError:
+            pass  # said by vocabulary_problems
     if cfg.grad_clip is not None and float(cfg.grad_clip) <= 0:
         problems.append(f"grad_clip={cfg.grad_clip} must be > 0 (or null for no clipping)")
     if problems:
@@ -225,6 +235,8 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
         precision=str(cfg.trainer.precision),
         peak_flops=cfg.trainer.peak_flops,
         compile=bool(cfg.compile),
+        packed=packed,
+        pad_id=None if packed else load_tokenizer(OmegaConf.to_container(cfg.tokenizer, resolve=True)).pad_id,
         data_seed=int(cfg.data.seed),
         num_workers=int(cfg.data.num_workers),
         run_dir=Path(cfg.run_dir),

@@ -74,7 +74,7 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     tokens = open_dataset(cfg.data)
-    val = validation_windows(tokens.splits["val"], plan.seq_len, plan.eval_tokens)
+    val = validation_windows(tokens.splits["val"], plan.seq_len, plan.eval_tokens, plan.packed)
     val_bytes = target_bytes(val, load_tokenizer(OmegaConf.to_container(cfg.tokenizer, resolve=True)).piece_bytes())
     if len(tokens.splits["val"]) < plan.eval_tokens:
         say(f"note: eval.tokens={plan.eval_tokens:,} but the validation split holds {len(tokens.splits['val']):,} "
