@@ -81,6 +81,24 @@ def _from_the_default_run(cfg: DictConfig) -> list[str]:
             f"budget.tokens={cfg.budget.tokens:,}"]
 
 
+def where_it_is_tuned(model: str, optim: str) -> str:
+    """The paper settings to point a user of `model` with `optim` at: those with this model that tune this
+    optimizer; else those that tune it at another size; else those with this model (for another optimizer)."""
+    mention = lambda names: ", ".join(f"experiment={e}" for e in names)  # noqa: E731
+    tunes = lambda e: optim in (tuned_optimizers(e) or [])  # noqa: E731
+    pinned = experiments_by_model().get(model, [])
+    here = [e for e in pinned if tunes(e)]
+    if here:
+        return f"the paper settings with this model that tune optim={optim} pin all of these and a GPU trainer: {mention(here)}"
+    elsewhere = [e for es in experiments_by_model().values() for e in es if tunes(e) and e != "cpu_repro"]
+    if elsewhere:
+        return (f"no paper setting with this model tunes optim={optim}" + (f" ({mention(pinned)}: other optimizers)" if pinned else "")
+                + f"; those that tune it, at their own sizes: {mention(elsewhere)}")
+    if pinned:
+        return f"no paper setting tunes optim={optim}; those with this model (for other optimizers): {mention(pinned)}"
+    return "no experiment pins this model; `python train.py --help` lists the paper settings (experiment=...)"
+
+
 def setting_warnings(cfg: DictConfig) -> list[str]:
     """Warnings to print before the run starts (empty for the default run and for a paper setting as pinned)."""
     warnings = []
@@ -92,12 +110,8 @@ def setting_warnings(cfg: DictConfig) -> list[str]:
     if params is not None and params >= LARGE_MODEL:
         size = f"model={model} ({params / 1e6:.1f}M parameters)"
         if not experiment:
-            pinned = experiments_by_model().get(model)
-            where = (f"the paper settings with this model pin all of these and a GPU trainer: "
-                     f"{', '.join(f'experiment={e}' for e in pinned)}" if pinned else
-                     "no experiment pins this model; `python train.py --help` lists the paper settings (experiment=...)")
             lines = [f"{size} runs with the settings of the CPU default run, tuned for gpt2_mini on Shakespeare, not a paper's:",
-                     *(f"  - {line}" for line in _from_the_default_run(cfg)), f"  {where}"]
+                     *(f"  - {line}" for line in _from_the_default_run(cfg)), f"  {where_it_is_tuned(model, cfg.optim.name)}"]
             warnings.append("\n".join(lines))
         if cfg.trainer.accelerator == "cpu":
             warnings.append(f"{size} on trainer=cpu: fp32 on the CPU, a smoke test at best; trainer=gpu (bf16), ddp or "
