@@ -19,7 +19,8 @@ train: install ## the default run: small GPT-2 on Shakespeare with Muon (~4 min 
 test: install-dev ## the test suite (~11 min on 2 CPU cores), without the slow end-to-end runs
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
-test-slow: install-dev ## the slow end-to-end tests (~42 min: the default run, resume, DDP/FSDP parity, a real SLURM cluster)
+test-slow: install-dev ## the slow end-to-end tests (~42 min: the default run, resume, DDP/FSDP parity, a real SLURM cluster, lm-eval)
+	@scripts/install.sh dev,eval
 	@scripts/install_slurm.sh
 	$(PY) -m pytest -m slow $(ARGS)
 

@@ -3,7 +3,9 @@ without Hydra's app wrapper (for scripts and tests). train.py calls `register()`
 does it itself.
 
 What the YAML refers to:
-  * the resolvers ${muonlab_root:} (the repository root) and ${asset:NAME} (a file in data/assets);
+  * the resolvers ${muonlab_root:} (the repository root), ${asset:NAME} (a file in data/assets) and
+    ${tokenizer_dir:NAME} ($MUONLAB_TOKENIZERS/NAME, a local copy of a tokenizer's files, when that
+    variable is set; else null: the hub);
   * the `python_defaults` nodes: `python_defaults/<target>` holds every keyword default of that
     optimizer's constructor (an Orthogonalizer default as its fields), so an optim file includes
     `- /python_defaults@matrix: optim.Muon` and states only where it departs from them. The Python
@@ -17,6 +19,7 @@ What the YAML refers to:
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -36,9 +39,17 @@ def register() -> None:
 
     OmegaConf.register_new_resolver("muonlab_root", lambda: str(ROOT), replace=True)
     OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS / name), replace=True)
+    OmegaConf.register_new_resolver("tokenizer_dir", tokenizer_dir, replace=True)
     store = ConfigStore.instance()
     for target in optimizer_targets():
         store.store(group="python_defaults", name=target, node=python_defaults(target))
+
+
+def tokenizer_dir(name: str) -> str | None:
+    """$MUONLAB_TOKENIZERS/<name> where that variable is set (tokenizers staged on a cluster without the
+    hub; the tests' tiny ones), else None."""
+    root = os.environ.get("MUONLAB_TOKENIZERS")
+    return str(Path(root) / name) if root else None
 
 
 def optimizer_targets() -> list[str]:

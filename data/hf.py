@@ -180,6 +180,8 @@ def prepare_hf(cfg: Mapping) -> Path:
         total = len(source) if hasattr(source, "__len__") else None
         split_batches = source if head is not None else batches(source)
         cap = cfg["max_tokens"] if split == "train" else cfg["val_max_tokens"]
+        if cap is not None and row_length(cfg):  # caps count sequence tokens; a row holds one more (its last pad)
+            cap = int(cap) // (row_length(cfg) - 1) * row_length(cfg)
         meta["splits"][split] = write_split(out_dir, split, split_batches, int(cfg["shard_tokens"]), cap, total)
     if head is not None and not meta["splits"]["train"]["tokens"]:
         raise DataError(f"{cfg['name']}: the train stream holds only {meta['splits']['val']['tokens']:,} tokens, all of them "

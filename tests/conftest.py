@@ -18,6 +18,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def pytest_configure(config):
+    """The paper settings pin t5, llama2 and llama3, whose files come from the hub: offline, every test (and
+    every train.py it starts) finds tiny ones in their id layouts under $MUONLAB_TOKENIZERS (configs' tokenizer_dir)."""
+    if "MUONLAB_TOKENIZERS" in os.environ:
+        return
+    import tokenizer_files
+
+    root = Path(tempfile.mkdtemp(prefix="muonlab-tokenizers-"))
+    for name, make in (("t5", tokenizer_files.t5_model), ("llama2", tokenizer_files.llama2_model),
+                       ("llama3", tokenizer_files.bpe_json)):
+        (root / name).mkdir()
+        make(root / name)
+    os.environ["MUONLAB_TOKENIZERS"] = str(root)
+
 # A tiny GPT-2 on Shakespeare: 128-token steps of 2 accumulated micro-batches, 20 steps.
 TINY = [
     "model=gpt2_tiny", "data.seq_len=32", "data.micro_batch=2", "data.batch_tokens=128",

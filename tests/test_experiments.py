@@ -58,7 +58,7 @@ def test_each_experiment_names_itself_and_paper_settings_pin_a_gpu_trainer(exper
 @pytest.mark.parametrize("experiment", sorted(PAPER_SETTINGS))
 def test_streamed_corpora_prepare_what_the_budget_needs(experiment):
     cfg = compose([f"experiment={experiment}"])
-    if cfg.data.streaming:  # C4 (~156B tokens), FineWeb(-Edu): the budget and at most one spare sequence
+    if cfg.data.streaming or cfg.data.name == "fineweb":  # C4 (~156B tokens), FineWeb(-Edu): the budget and at most one spare sequence
         assert int(cfg.budget.tokens) < int(cfg.data.max_tokens) <= int(cfg.budget.tokens) + int(cfg.data.seq_len)
     else:  # OpenWebText (~9.0B tokens) is read whole for its held-out split, and the budgets need all of it
         assert cfg.data.name == "openwebtext" and cfg.data.max_tokens is None

@@ -126,7 +126,7 @@ def test_each_mistake_is_one_message_naming_the_fix(tmp_path):
         load_tokenizer(tokenizer_cfg("file", tmp_path / "bad.model"))
     with pytest.raises(TokenizerError, match=r"tokenizer=t5 loads tokenizer.json from the hub repo google-t5/t5-base, which "
                                              r"is not reachable \(HF_HUB_OFFLINE.*pass tokenizer.path="):
-        load_tokenizer(OmegaConf.to_container(compose(["tokenizer=t5"]).tokenizer, resolve=True))
+        load_tokenizer(OmegaConf.to_container(compose(["tokenizer=t5", "tokenizer.path=null"]).tokenizer, resolve=True))
 
 
 def test_a_placement_the_tokenizer_has_no_token_for_is_one_message(files):

@@ -29,7 +29,8 @@ def _spm(path: Path, **layout) -> Path:
 
 
 def t5_model(directory: Path) -> Path:
-    return _spm(Path(directory) / "spiece.model", model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    return _spm(Path(directory) / "spiece.model", model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                input_sentence_size=4000, shuffle_input_sentence=False)
 
 
 def llama2_model(directory: Path) -> Path:
