@@ -163,3 +163,11 @@ def load_checkpoint(path: Path | str) -> tuple[dict, dict[str, torch.Tensor]]:
     keys = {k.replace("_orig_mod.", ""): v for k, v in checkpoint["state_dict"].items()}
     weights = {k.removeprefix("model."): v for k, v in keys.items() if k.startswith("model.")}
     return checkpoint["muonlab"]["config"], weights
+
+
+def load_model(path: Path | str) -> tuple[dict, torch.nn.Module]:
+    """(resolved config, the model with the checkpoint's weights, in eval mode) of a run dir or .ckpt file."""
+    config, state_dict = load_checkpoint(path)
+    model = build_model(config["model"])
+    model.load_state_dict(state_dict)
+    return config, model.eval()

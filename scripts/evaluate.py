@@ -28,8 +28,7 @@ from configs import compose
 from data import DataError, open_dataset, validation_windows
 from data.files import atomic_file
 from data.tokenizer import TokenizerError, load_tokenizer, write_tokenizer_files
-from models import build_model
-from models.hf_export import ExportError, export_model, load_checkpoint
+from models.hf_export import ExportError, export_model, load_model
 from models.loss import IGNORE
 from trainer.evaluation import loss_sum, target_bytes, target_count, validation_metrics
 
@@ -105,19 +104,17 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        config, state_dict = load_checkpoint(args.checkpoint)
+        config, model = load_model(args.checkpoint)
         run_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent.parent
         out_dir = args.out or run_dir / "eval"
         cfg = evaluation_config(config, args.overrides)
-        model = build_model(config["model"])
-        model.load_state_dict(state_dict)
-        model.to(device).eval()
+        model.to(device)
         metrics = validation(model, cfg, device)
         print(f"{cfg.data.name} ({metrics['tokens']:,} tokens, tokenizer {metrics['tokenizer']}): val_loss "
               f"{metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}  val_bpb {metrics.get('val_bpb', float('nan')):.4f}")
         write_json(out_dir / f"{cfg.data.name}.json", metrics)
         if args.tasks:
-            results = lm_eval_tasks(config, state_dict, out_dir, args.tasks.split(","), args.include, args.limit, device)
+            results = lm_eval_tasks(config, model.state_dict(), out_dir, args.tasks.split(","), args.include, args.limit, device)
             write_json(out_dir / "lm_eval.json", results)
             for task, values in results["results"].items():
                 print(f"{task}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float)))

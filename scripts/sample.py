@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from data.tokenizer import TokenizerError, load_tokenizer
-from models import build_model
-from models.hf_export import ExportError, load_checkpoint
+from models.hf_export import ExportError, load_model
 
 
 @torch.no_grad()
@@ -47,11 +46,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        config, state_dict = load_checkpoint(args.checkpoint)
+        config, model = load_model(args.checkpoint)
         tokenizer = load_tokenizer(config.get("tokenizer"))
-        model = build_model(config["model"])
-        model.load_state_dict(state_dict)
-        model.eval()
         start = [tokenizer.bos_id] if config.get("tokenizer", {}).get("eot") in ("prepend", "both") else []
         prompt = start + tokenizer.encode_batch([args.prompt])[0]
         if not prompt:

@@ -59,6 +59,15 @@ def make_cfg(tmp_path, cache_dir):
     return make
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """The run dir of one tiny run (TINY), trained once for the tests of what comes after training."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    result = run_cli("train.py", *TINY, f"run_dir={run_dir}", f"paths.cache_dir={run_dir.parent / 'cache'}")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
 def load_script(name: str):
     """Import scripts/<name>.py as a module (the scripts folder is not a package)."""
     import importlib.util

@@ -10,30 +10,24 @@ import pytest
 import torch
 import transformers
 
-from conftest import TINY, load_script, run_cli
+from conftest import load_script, run_cli
 from data.tokenizer import gpt2_tokenizer
-from models import build_model
-from models.hf_export import load_checkpoint
+from models.hf_export import load_model
 from trainer.metrics import read_metrics
 
 TEXT = "ROMEO: But soft, what light through yonder window breaks?\n\tIt is the east, and Juliet is the sun! é"
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    result = run_cli("train.py", *TINY, f"run_dir={run_dir}", f"paths.cache_dir={run_dir.parent / 'cache'}")
-    assert result.returncode == 0, result.stderr
-    return run_dir
+@pytest.fixture
+def run(trained_run):
+    return trained_run
 
 
 def test_the_export_loads_in_transformers_with_the_same_logits_and_tokenizer(run, tmp_path):
     result = run_cli("scripts/export_hf.py", str(run), str(tmp_path / "hf"))
     assert result.returncode == 0, result.stderr
     assert "GPT2LMHeadModel (gpt2, " in result.stdout and "vocab.json" in result.stdout
-    config, state = load_checkpoint(run)
-    ours = build_model(config["model"])
-    ours.load_state_dict(state)
+    _, ours = load_model(run)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
     ids = tokenizer(TEXT).input_ids
@@ -66,10 +60,7 @@ def test_evaluate_mistakes_are_one_line(run, tmp_path):
 
 def test_greedy_sampling_follows_the_argmax_and_top_k_1_is_greedy(run):
     sample = load_script("sample")
-    config, state = load_checkpoint(run)
-    model = build_model(config["model"])
-    model.load_state_dict(state)
-    model.eval()
+    config, model = load_model(run)
     prompt = gpt2_tokenizer().encode_ordinary("ROMEO:")
     greedy = sample.generate(model, prompt, 8, context=128)
     ids = list(prompt)

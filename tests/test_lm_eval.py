@@ -10,10 +10,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY, run_cli
+from conftest import run_cli
 from data.tokenizer import gpt2_tokenizer
-from models import build_model
-from models.hf_export import load_checkpoint
+from models.hf_export import load_model
 
 pytest.importorskip("lm_eval")
 pytestmark = pytest.mark.slow
@@ -72,12 +71,9 @@ def loglikelihood(model, context_ids: list[int], continuation_ids: list[int]) ->
     return float(logprobs[len(context_ids) - 1:].gather(-1, targets[:, None]).sum())
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    result = run_cli("train.py", *TINY, f"run_dir={run_dir}", f"paths.cache_dir={run_dir.parent / 'cache'}")
-    assert result.returncode == 0, result.stderr
-    return run_dir
+@pytest.fixture
+def run(trained_run):
+    return trained_run
 
 
 def test_lm_eval_accuracy_on_a_local_task_is_the_hand_count(run, tmp_path):
@@ -90,10 +86,7 @@ def test_lm_eval_accuracy_on_a_local_task_is_the_hand_count(run, tmp_path):
     acc = scores["acc,none"] if "acc,none" in scores else scores["acc"]
     assert written["n-samples"][TASK]["effective"] == len(QUESTIONS)
 
-    config, state = load_checkpoint(run)
-    model = build_model(config["model"])
-    model.load_state_dict(state)
-    model.eval()
+    config, model = load_model(run)
     encode = gpt2_tokenizer().encode_ordinary
     predictions, margins = [], []
     for question, choices, _ in QUESTIONS:
