@@ -122,8 +122,9 @@ def test_a_stop_signal_is_recorded_not_acted_on():
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGTERM)  # the first signal is the one reported
         assert request.signum == signal.SIGUSR1
-        summary = summarize(torch.tensor(2.5), torch.tensor(0.75), request.signum, None, world_size=1)
-        assert (summary.loss, summary.grad_norm, summary.stop_signal, summary.qk_columns()) == (2.5, 0.75, signal.SIGUSR1, {})
+        summary = summarize(torch.tensor(2.5), torch.tensor(0.75), torch.tensor(96), request.signum, None, world_size=1)
+        assert (summary.loss, summary.grad_norm, summary.targets, summary.stop_signal, summary.qk_columns()) == (
+            2.5, 0.75, 96.0, signal.SIGUSR1, {})
     finally:
         request.uninstall()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))

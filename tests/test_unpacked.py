@@ -81,8 +81,12 @@ def test_a_run_on_unpacked_documents_learns_and_reports_bits_per_byte(t5_c4, tmp
     tiny = [o for o in TINY if not o.startswith(("data.seq_len", "model="))]
     result = run_cli("train.py", *tiny, *overrides, "model=llama_tiny", "model.vocab_size=512", f"run_dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr
-    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.csv") if "val_loss" in r]
+    every = read_metrics(tmp_path / "run" / "metrics.csv")
+    rows = [r for r in every if "val_loss" in r]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] and 0 < rows[-1]["val_bpb"] < rows[0]["val_bpb"]
+    # tokens count every position (the step clock, the FLOPs); nonpad_tokens the targets that were not pads
+    assert 0 < every[0]["nonpad_tokens"] < every[0]["tokens"] and every[-1]["nonpad_tokens"] < every[-1]["tokens"]
+    assert all(b["nonpad_tokens"] > a["nonpad_tokens"] for a, b in zip(every, every[1:]))
 
 
 def test_unpacked_needs_documents_and_a_pad(tmp_path):

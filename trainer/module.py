@@ -56,6 +56,7 @@ class LanguageModel(L.LightningModule):
         self.stop_request = StopRequest()
         self.stopped_by: int | None = None  # the signal that stopped training early, if any
         self._step_losses: list[torch.Tensor] = []
+        self._step_targets: list[torch.Tensor] = []  # unpacked: each micro-batch's targets that are not pads
         self._summary: StepSummary | None = None  # the step's loss, grad norm, stop signal, QK maxima
         self._step_lrs: dict[str, float] = {}
         self.train_batches: TrainBatches | None = None
@@ -100,12 +101,18 @@ class LanguageModel(L.LightningModule):
             targets = targets.masked_fill(targets == self.plan.pad_id, IGNORE)
         return self.model(inputs, targets)  # fp32 cross-entropy over chunks of the logits (models/loss.py)
 
+    def _count_targets(self, targets: torch.Tensor) -> None:
+        """The micro-batch's targets that count (unpacked: not pads), on the device, read with the step's summary."""
+        self._step_targets.append((targets != self.plan.pad_id).sum() if self.plan.pad_id is not None
+                                  else torch.tensor(targets.numel(), device=targets.device))
+
     def training_step(self, batch, batch_idx):
         if self.plan.lookahead:
             return self._two_pass_step(batch)
         self._reduce_gradients(last=len(self._step_losses) + 1 == self.plan.accumulation)  # at its backward
         loss = self.loss(*batch)
         self._step_losses.append(loss.detach())
+        self._count_targets(batch[1])
         return loss
 
     def _reduce_gradients(self, last: bool) -> contextlib.AbstractContextManager:
@@ -133,6 +140,7 @@ class LanguageModel(L.LightningModule):
             loss = self.loss(*batch)
             self.manual_backward(loss / accumulation)
         self._step_losses.append(loss.detach())
+        self._count_targets(batch[1])
         if len(self._step_losses) == accumulation:
             optimizer.step()  # runs on_before_optimizer_step: the NaN check and clipping, before the update
             optimizer.zero_grad()
@@ -142,10 +150,12 @@ class LanguageModel(L.LightningModule):
         """Runs once per optimizer step, after the last backward and before the update: the step's one
         read from the device (the summary), the NaN check, then clipping."""
         grad_norm = self.clip_gradients_()
-        loss = torch.stack(self._step_losses).mean()
+        loss, targets = torch.stack(self._step_losses).mean(), torch.stack(self._step_targets).sum()
         self._step_losses.clear()
+        self._step_targets.clear()
         maxima = self.qk_clip.take_maxima() if self.qk_clip is not None else None
-        self._summary = summary = summarize(loss, grad_norm, self.stop_request.signum or 0, maxima, self.trainer.world_size)
+        self._summary = summary = summarize(loss, grad_norm, targets, self.stop_request.signum or 0, maxima,
+                                            self.trainer.world_size)
         step = self.trainer.global_step + 1
         if not math.isfinite(summary.loss):
             saved = (f"The last good checkpoint is {self.checkpoint_path} (step {self.last_checkpoint_step})."
@@ -190,7 +200,7 @@ class LanguageModel(L.LightningModule):
         if self.qk_clip is not None and summary.qk_maxima is not None:
             self.qk_clip.clip(summary.qk_maxima)  # MuonClip's scaling: after the update, before any checkpoint of it
         row = self.step_metrics.row(step, summary.loss, self._step_lrs, summary.grad_norm, self.device,
-                                    more=summary.qk_columns)
+                                    more=summary.qk_columns, targets=summary.targets)
         if self.plan.eval_due(step):
             row.update(validation_metrics(self.evaluate(), self.val_windows, self.val_bytes, self.plan.pad_id))
         self.step_metrics.publish(row, self.trainer.loggers)
@@ -212,9 +222,11 @@ class LanguageModel(L.LightningModule):
         step = self.trainer.global_step
         checkpoint["muonlab"] = {"format": FORMAT, "config": self.plan.config, "step": step,
                                  "tokens": self.plan.tokens_at(step), "elapsed_s": self.step_metrics.elapsed_s,
+                                 "nonpad_tokens": self.step_metrics.nonpad_tokens,
                                  "metrics": self.step_metrics.rows()}  # rank 0's, the one written
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint["muonlab"]
         self.step_metrics.elapsed_s, self.last_checkpoint_step = meta["elapsed_s"], meta["step"]
+        self.step_metrics.nonpad_tokens = meta.get("nonpad_tokens", self.plan.tokens_at(meta["step"]))
         align_batch_counters(checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"], meta["step"], self.plan.accumulation)

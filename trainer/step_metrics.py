@@ -28,6 +28,7 @@ class StepMetrics:
         self.csv: MetricsCSV | None = None  # rank 0 only (open_csv)
         self.last_row: dict | None = None
         self.elapsed_s = 0.0  # training wall time over all sessions (restored on resume)
+        self.nonpad_tokens = 0  # unpacked: the training targets that were not pads, over all sessions
         self._added: dict = {}
         self._clock = 0.0
         self._clock_step = 0
@@ -61,9 +62,11 @@ class StepMetrics:
         self._added.update(columns)
 
     def row(self, step: int, train_loss: float, lrs: dict, grad_norm: float, device: torch.device,
-            more: Callable[[], dict] | None = None) -> dict:
+            more: Callable[[], dict] | None = None, targets: float | None = None) -> dict:
         """The step's row: its measurements, the throughput since the last boundary, the columns
-        `more()` returns (measured after the clock stopped), then the columns callbacks added."""
+        `more()` returns (measured after the clock stopped), then the columns callbacks added. Unpacked
+        (data.packing=false), `targets` (the step's non-pad targets) also gives nonpad_tokens (cumulative)
+        and nonpad_tokens_per_s; tokens and tokens_per_s count every position, as the FLOPs (mfu) do."""
         now = time.perf_counter()
         self.elapsed_s += now - self._clock
         tokens_per_s = self.plan.tokens_at(step - self._clock_step) / (now - self._clock)
@@ -71,6 +74,9 @@ class StepMetrics:
                "grad_norm": grad_norm, "grad_evals": step * self.plan.gradient_evals_per_step,
                "tokens_per_s": tokens_per_s, "mfu": self._flops_per_token * tokens_per_s / self._peak_flops,
                "peak_memory_gb": peak_memory_gb(device), "elapsed_s": self.elapsed_s, **self._peak_column}
+        if self.plan.pad_id is not None and targets is not None:
+            self.nonpad_tokens += int(targets)
+            row |= {"nonpad_tokens": self.nonpad_tokens, "nonpad_tokens_per_s": targets / (now - self._clock)}
         row.update(more() if more is not None else {})
         row.update(self._added)
         self._added = {}
