@@ -4,6 +4,8 @@ same files, ids past 65,535 get 4-byte shards, and every mistake is one message.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -144,3 +146,18 @@ def test_a_missing_tokenizer_file_stops_train_py_with_one_line(tmp_path, cache_d
                      f"tokenizer.path={tmp_path / 'missing'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"tokenizer.path={tmp_path / 'missing'} does not exist" in result.stderr
+
+
+def test_experiment_quick_trains_on_a_llama3_layout_tokenizer(tmp_path):
+    """The quick experiment on Shakespeare tokenized by a byte-level BPE tokenizer.json with LLaMA-3's boundary
+    tokens (BOS and EOS around the one document): it trains, and bits per byte fall with the loss."""
+    from conftest import run_cli
+    from trainer.metrics import read_metrics
+
+    result = run_cli("train.py", "experiment=quick", "tokenizer=llama3", "model.vocab_size=640", f"run_dir={tmp_path / 'run'}",
+                     f"paths.cache_dir={tmp_path / 'cache'}")
+    assert result.returncode == 0, result.stderr
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.csv") if "val_loss" in r]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] and evals[-1]["val_bpb"] < evals[0]["val_bpb"]
+    meta = json.loads(next((tmp_path / "cache").glob("shakespeare-*/meta.json")).read_text())
+    assert (meta["tokenizer"], meta["eot_placement"], meta["tokenizer_identity"]["bos_id"]) == ("llama3", "both", 0)
