@@ -117,6 +117,8 @@ def test_the_vocabulary_check_is_the_largest_id_a_corpus_holds(files):
 
 
 def test_each_mistake_is_one_message_naming_the_fix(tmp_path):
+    with pytest.raises(TokenizerError, match=r"tokenizer=file needs its file: pass tokenizer.path=<a tokenizer.json"):
+        load_tokenizer(OmegaConf.to_container(compose(["tokenizer=file"]).tokenizer, resolve=True))
     with pytest.raises(TokenizerError, match=f"tokenizer.path={tmp_path / 'nope.json'} does not exist"):
         load_tokenizer(tokenizer_cfg("file", tmp_path / "nope.json"))
     garbage = tmp_path / "tokenizer.json"
