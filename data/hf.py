@@ -159,8 +159,8 @@ def prepare_hf(cfg: Mapping) -> Path:
     held_out, head = cfg["val_fraction"] is not None, cfg["val_head_tokens"]
     if head is not None:  # one train stream: its first `head` tokens are validation (llm.c's FineWeb split)
         train = load_split(cfg, "train", files["train"] if files else None, hf_cache)
-        before, after = load_tokenizer(cfg.get("tokenizer")).boundary(cfg["eot"])
-        val_batches, train_batches = split_head(batches(train), int(head), (after or before)[0])
+        boundary = load_tokenizer(cfg.get("tokenizer")).document_token(cfg["eot"])
+        val_batches, train_batches = split_head(batches(train), int(head), boundary)
         sources = {"val": val_batches, "train": train_batches}
         rule = f"the first {head} tokens of the train stream (llm.c's FineWeb split)"
     elif held_out:  # one train split, a fixed fraction of its documents held out (nanoGPT's rule)

@@ -151,11 +151,10 @@ def base_meta(name: str, eot_placement: str, source: dict, validation_rule: str,
               tokenizer: Mapping | None = None) -> dict:
     """The sidecar's fields every prepared dataset shares; `splits` is filled in as they are written."""
     tok = load_tokenizer(tokenizer)
-    before, after = tok.boundary(eot_placement)
     identity = tok.identity()
     return {
         "format": "muonlab-tokens", "version": FORMAT_VERSION, "name": name, "tokenizer": tok.name,
-        "tokenizer_sha256": identity["sha256"][0], "tokenizer_identity": identity, "eot_id": (after or before)[0],
+        "tokenizer_sha256": identity["sha256"][0], "tokenizer_identity": identity, "eot_id": tok.document_token(eot_placement),
         "eot_placement": eot_placement, "dtype": tok.dtype.name, "source": source, "validation_rule": validation_rule,
         "seed": seed, "splits": {},
     }

@@ -106,6 +106,11 @@ class Tokenizer:
         """Shards store 2-byte tokens up to id 65,535 and 4-byte ones beyond (LLaMA-3's 128,256)."""
         return np.dtype("<u2") if self.max_id <= np.iinfo(np.uint16).max else np.dtype("<u4")
 
+    def document_token(self, eot: str) -> int:
+        """The id that marks each document under data.eot=`eot` (its EOS, else its BOS): documents are counted by it."""
+        before, after = self.boundary(eot)
+        return (after or before)[0]
+
     def identity(self) -> dict:
         """What makes two tokenizers the same: their files' sha256 and special ids (meta.json, cache names)."""
         return {"name": self.name, "kind": self.kind, "sha256": [file_sha256(f) for f in self.files],

@@ -21,6 +21,11 @@ CHUNK_ELEMENTS = 2**26  # logits per chunk: 64M numbers, 256 MB in fp32
 IGNORE = -100  # F.cross_entropy's ignore_index: a target that is not one
 
 
+def without_pads(targets: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """The targets with the pads of unpacked documents (pad_id) made IGNORE; as they are when pad_id is None."""
+    return targets if pad_id is None else targets.masked_fill(targets == pad_id, IGNORE)
+
+
 def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
                           chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Mean cross-entropy of head(hidden) (…, width) against targets (…), in fp32 or wider, over chunks of

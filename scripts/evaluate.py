@@ -27,10 +27,11 @@ from omegaconf import OmegaConf
 from configs import compose
 from data import DataError, open_dataset, validation_windows
 from data.files import atomic_file
-from data.tokenizer import TokenizerError, load_tokenizer, write_tokenizer_files
+from data.tokenizer import TokenizerError, write_tokenizer_files
 from models.hf_export import ExportError, export_model, load_model
-from models.loss import IGNORE
+from models.loss import without_pads
 from trainer.evaluation import loss_sum, target_bytes, target_count, validation_metrics
+from trainer.plan import tokenizer_of
 
 GROUPS = ("data", "tokenizer")  # overrides that pick a config file of their group rather than set a value
 
@@ -56,13 +57,13 @@ def evaluation_config(saved: dict, overrides: list[str]):
 
 
 def validation(model: torch.nn.Module, cfg, device: torch.device) -> dict:
-    tokenizer = load_tokenizer(OmegaConf.to_container(cfg.tokenizer, resolve=True))
+    tokenizer = tokenizer_of(cfg)
     tokens = open_dataset(OmegaConf.to_container(cfg.data, resolve=True))
     seq_len, packed = int(cfg.data.seq_len), bool(cfg.data.get("packing", True))
     pad_id = None if packed else tokenizer.pad_id
     windows = validation_windows(tokens.splits["val"], seq_len, int(cfg.eval.tokens), packed)
     micro_batch = max(1, int(cfg.eval.get("batch_tokens") or int(cfg.data.micro_batch) * seq_len) // seq_len)
-    loss = model if pad_id is None else lambda x, y: model(x, y.masked_fill(y == pad_id, IGNORE))
+    loss = lambda x, y: model(x, without_pads(y, pad_id))  # noqa: E731
     total, count = loss_sum(loss, windows, micro_batch, device, pad_id=pad_id)
     metrics = validation_metrics(float(total / count), windows, target_bytes(windows, tokenizer.piece_bytes()), pad_id)
     return {**metrics, "tokens": target_count(windows, pad_id), "data": cfg.data.name, "tokenizer": tokenizer.name,

@@ -105,15 +105,15 @@ def test_ids_past_65535_are_stored_in_four_bytes(tmp_path):
 
 
 def test_the_vocabulary_check_is_the_largest_id_a_corpus_holds(files):
-    from trainer.plan import vocabulary_problems
+    from trainer.plan import tokenizer_of, vocabulary_problems
 
-    t5 = compose(["tokenizer=t5", f"tokenizer.path={files['t5']}"])
+    t5 = tokenizer_of(compose(["tokenizer=t5", f"tokenizer.path={files['t5']}"]))
     assert vocabulary_problems(t5, 512) == []  # ids 0..511; GaLore's 32000 with t5-base's 32,100 is legal the same way
     assert vocabulary_problems(t5, 500) == [
         "model.vocab_size=500 is too small for tokenizer=t5, whose corpora hold ids up to 511: use model.vocab_size=512 or "
         "more (512: padded to a multiple of 64), or a smaller tokenizer (tokenizer=t5 or llama2: 32000); `python "
         "scripts/count_params.py model=... model.vocab_size=500` still counts a model at 500"]
-    assert "whose corpora hold ids up to 50256" in vocabulary_problems(compose([]), 32000)[0]
+    assert "whose corpora hold ids up to 50256" in vocabulary_problems(tokenizer_of(compose([])), 32000)[0]
 
 
 def test_each_mistake_is_one_message_naming_the_fix(tmp_path):

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from data import TokenStream, TrainBatches
 from models.blocks import compile_blocks
-from models.loss import IGNORE
+from models.loss import without_pads
 from optim.distributed import global_norm, local_tensors
 from optim.hybrid import HybridOptimizer
 from optim.qk_clip import QKClip
@@ -97,9 +97,7 @@ class LanguageModel(L.LightningModule):
 
     # ---- the step ----------------------------------------------------------------------------
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.plan.pad_id is not None:  # unpacked documents: their pads are no targets
-            targets = targets.masked_fill(targets == self.plan.pad_id, IGNORE)
-        return self.model(inputs, targets)  # fp32 cross-entropy over chunks of the logits (models/loss.py)
+        return self.model(inputs, without_pads(targets, self.plan.pad_id))  # fp32 cross-entropy over chunks of the logits (models/loss.py)
 
     def _count_targets(self, targets: torch.Tensor) -> None:
         """The micro-batch's targets that count (unpacked: not pads), on the device, read with the step's summary."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from data.tokenizer import TokenizerError, load_tokenizer
+from data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from models import ModelConfigError, build_config, config_problems
 from optim.schedules import Schedule
 from trainer.errors import ConfigError
@@ -137,13 +137,14 @@ def eval_sequences(cfg: DictConfig) -> int:
     return max(1, tokens // seq_len)
 
 
-def vocabulary_problems(cfg: DictConfig, vocab_size: int) -> list[str]:
+def tokenizer_of(cfg: DictConfig) -> Tokenizer:
+    """The run's tokenizer (the `tokenizer` group's choice), loaded once per process."""
+    return load_tokenizer(OmegaConf.to_container(cfg.tokenizer, resolve=True))
+
+
+def vocabulary_problems(tokenizer: Tokenizer, vocab_size: int) -> list[str]:
     """The model must embed every id the tokenizer puts in a corpus (T5's 100 sentinels, which text never
     encodes to, may lie past GaLore's vocab of 32000)."""
-    try:
-        tokenizer = load_tokenizer(OmegaConf.to_container(cfg.tokenizer, resolve=True))
-    except TokenizerError as e:
-        return [str(e)]
     if vocab_size > tokenizer.max_id:
         return []
     padded = -(-(tokenizer.max_id + 1) // 64) * 64
@@ -159,12 +160,16 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
     problems = number_problems(cfg) + hyperparameter_problems(cfg.optim)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-    context = None
+    context = tokenizer = None
+    try:
+        tokenizer = tokenizer_of(cfg)
+    except TokenizerError as e:
+        problems.append(str(e))
     try:
         model_config = build_config(OmegaConf.to_container(cfg.model, resolve=True))
         problems += config_problems(model_config)
         context = model_config.context_length
-        problems += vocabulary_problems(cfg, model_config.vocab_size)
+        problems += vocabulary_problems(tokenizer, model_config.vocab_size) if tokenizer else []
     except ModelConfigError as e:
         problems.append(str(e))
 
@@ -204,13 +209,9 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
         problems.append(str(e))
     problems += setting_problems(cfg)
     packed = bool(cfg.data.get("packing", True))
-    if not packed and not problems:
-        try:
-            if load_tokenizer(OmegaConf.to_container(cfg.tokenizer, resolve=True)).pad_id is None:
-                problems.append(f"data.packing=false pads every document: tokenizer={cfg.tokenizer.name} has no pad token "
-                                f"(set tokenizer.pad_token, or data.packing=true)")
-        except TokenizerError:
-            pass  # said by vocabulary_problems
+    if not packed and tokenizer is not None and tokenizer.pad_id is None:
+        problems.append(f"data.packing=false pads every document: tokenizer={tokenizer.name} has no pad token "
+                        f"(set tokenizer.pad_token, or data.packing=true)")
     if cfg.grad_clip is not None and float(cfg.grad_clip) <= 0:
         problems.append(f"grad_clip={cfg.grad_clip} must be > 0 (or null for no clipping)")
     if problems:
@@ -236,7 +237,7 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
         peak_flops=cfg.trainer.peak_flops,
         compile=bool(cfg.compile),
         packed=packed,
-        pad_id=None if packed else load_tokenizer(OmegaConf.to_container(cfg.tokenizer, resolve=True)).pad_id,
+        pad_id=None if packed else tokenizer.pad_id,
         data_seed=int(cfg.data.seed),
         num_workers=int(cfg.data.num_workers),
         run_dir=Path(cfg.run_dir),

@@ -20,7 +20,6 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from data import open_dataset, validation_windows
-from data.tokenizer import load_tokenizer
 from models import build_model
 from trainer.checkpoint import last_checkpoint_path, rows_to_resume, verify_checkpoint
 from trainer.errors import ConfigError
@@ -31,7 +30,7 @@ from trainer.metrics import MetricsCSV
 from trainer.module import LanguageModel
 from trainer.optimizers import build_optimizer
 from trainer.parallel import build_strategy, check_layout, cluster_plugins, ranks_run_this_job_only, world_size_of
-from trainer.plan import make_plan
+from trainer.plan import make_plan, tokenizer_of
 from trainer.setting import setting_warnings
 
 
@@ -75,7 +74,7 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
 
     tokens = open_dataset(cfg.data)
     val = validation_windows(tokens.splits["val"], plan.seq_len, plan.eval_tokens, plan.packed)
-    val_bytes = target_bytes(val, load_tokenizer(OmegaConf.to_container(cfg.tokenizer, resolve=True)).piece_bytes())
+    val_bytes = target_bytes(val, tokenizer_of(cfg).piece_bytes())
     if len(tokens.splits["val"]) < plan.eval_tokens:
         say(f"note: eval.tokens={plan.eval_tokens:,} but the validation split holds {len(tokens.splits['val']):,} "
             f"tokens; evaluating on all of them")
