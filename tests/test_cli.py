@@ -17,15 +17,24 @@ def assert_clean_error(result, message):
     assert "Traceback" not in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["model.n_head=3"], "model.n_embd=64 is not divisible by model.n_head=3"),
-    (["data.batch_tokens=1000"], "data.batch_tokens=1000 is not divisible by data.micro_batch x data.seq_len x world size = 2 x 32 x 1 = 64"),
-    (["budget.tokens=100"], "budget.tokens=100 is smaller than one optimizer step of data.batch_tokens=128 tokens"),
-    (["data.seq_len=256", "data.batch_tokens=512"], "data.seq_len=256 is longer than the model's context of 128 tokens"),
-    (["data.source=/nonexistent/corpus.txt"], "data.source=/nonexistent/corpus.txt does not exist"),
-])
-def test_bad_config_exits_with_a_message(tmp_path, cache_dir, overrides, message):
-    assert_clean_error(train(tmp_path, cache_dir, *overrides), message)
+def test_every_config_problem_is_listed_in_one_message(tmp_path, cache_dir):
+    """make_plan reports all it finds at once (one start-up per mistake would be one rerun per mistake)."""
+    result = train(tmp_path, cache_dir, "model.n_head=3", "data.seq_len=256", "data.batch_tokens=1000", "budget.tokens=100",
+                   "model.vocab_size=32000")
+    for message in ("model.n_embd=64 is not divisible by model.n_head=3",
+                    "data.seq_len=256 is longer than the model's context of 128 tokens",
+                    "data.batch_tokens=1000 is not divisible by data.micro_batch x data.seq_len x world size = 2 x 256 x 1 = 512 "
+                    "(valid nearby: 512, 1024)",
+                    "budget.tokens=100 is smaller than one optimizer step of data.batch_tokens=1000 tokens",
+                    "model.vocab_size=32000 is too small for tokenizer=gpt2, whose corpora hold ids up to 50256: use "
+                    "model.vocab_size=50257 or more (50304: padded to a multiple of 64)"):
+        assert f"  - {message}" in result.stderr
+    assert_clean_error(result, "invalid configuration:")
+
+
+def test_a_missing_text_file_exits_with_a_message(tmp_path, cache_dir):
+    assert_clean_error(train(tmp_path, cache_dir, "data.source=/nonexistent/corpus.txt"),
+                       "data.source=/nonexistent/corpus.txt does not exist")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the messages for a machine without CUDA")
@@ -103,9 +112,3 @@ def test_a_streamed_corpus_without_a_token_cap_is_warned_about():
     warnings = setting_warnings(compose(["data=c4", "model=gpt2_tiny", "budget.tokens=1310720"]))
     assert warnings == ["data=c4 with data.max_tokens=null prepares its whole train split (all of C4 is ~156B tokens, "
                         "~46 h to tokenize, longer than the SLURM presets' 24 h); this budget needs data.max_tokens=1310976"]
-
-
-def test_a_smaller_vocabulary_than_the_tokenizer_is_a_config_error(tmp_path, cache_dir):
-    assert_clean_error(train(tmp_path, cache_dir, "model=llama_tiny", "model.vocab_size=32000"),
-                       "model.vocab_size=32000 is too small for tokenizer=gpt2, whose corpora hold ids up to 50256: use "
-                       "model.vocab_size=50257 or more (50304: padded to a multiple of 64)")
