@@ -66,3 +66,37 @@ def validation_windows(stream: TokenStream, seq_len: int, max_tokens: int, packe
     if n < 1:
         raise ValueError(f"the validation split ({len(stream)} tokens, eval.tokens={max_tokens}) holds no sequence of {seq_len} + 1 tokens")
     return torch.from_numpy(np.stack([stream.window(i * seq_len, seq_len + 1) for i in range(n)]))
+
+
+def row_targets(stream: TokenStream, seq_len: int, pad_id: int, chunk_tokens: int = 1 << 24) -> np.ndarray:
+    """Non-pad targets of each unpacked row (seq_len + 1 tokens; targets are its last seq_len), read a
+    chunk of whole rows at a time."""
+    row_len = seq_len + 1
+    n_rows, rows_per_chunk = len(stream) // row_len, max(1, chunk_tokens // row_len)
+    counts = np.empty(n_rows, dtype=np.int64)
+    for first in range(0, n_rows, rows_per_chunk):
+        rows = stream.window(first * row_len, min(rows_per_chunk, n_rows - first) * row_len).reshape(-1, row_len)
+        counts[first:first + len(rows)] = (rows[:, 1:] != pad_id).sum(1)
+    return counts
+
+
+def targets_after_steps(per_row: np.ndarray, seq_len: int, seed: int, seqs_per_step: int, budget: int) -> np.ndarray:
+    """Non-pad targets trained after optimizer steps 0, 1, ..., S of an unpacked run: the rows the sampler
+    visits, step after step, up to the last step S that keeps within `budget` (S >= 1)."""
+    if per_row.sum() == 0:
+        raise ValueError("the train split holds no non-pad target")
+    sampler = SequenceSampler(len(per_row) * (seq_len + 1), seq_len, seed, packed=False)
+    chunk = max(1, (1 << 20) // seqs_per_step)  # steps counted at a time
+    done, total, pieces = 0, 0, [np.zeros(1, dtype=np.int64)]
+    while True:
+        rows = sampler.starts(np.arange(done * seqs_per_step, (done + chunk) * seqs_per_step)) // sampler.stride
+        after = total + np.cumsum(per_row[rows].reshape(chunk, seqs_per_step).sum(1))
+        within = int(np.searchsorted(after, budget, side="right"))
+        pieces.append(after[:within])
+        if within < chunk:
+            break
+        done, total = done + chunk, int(after[-1])
+    if done + within == 0:
+        raise ValueError(f"budget.tokens={budget:,} non-pad tokens is smaller than the first optimizer step's "
+                         f"{int(after[0]):,}")
+    return np.concatenate(pieces)

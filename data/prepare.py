@@ -38,13 +38,11 @@ def unpacked_rows(docs: list[list[int]], before: list[int], after: list[int], ro
     """One row of `row_len` = seq_len + 1 tokens per document: its text truncated so that, with its boundary
     tokens, it fills at most seq_len positions (GaLore: max_length=256, truncation keeps </s>), then the pad.
     A row's last token is always a pad: seq_len inputs and seq_len targets, the last target masked."""
-    if tok.pad_id is None:
-        raise TokenizerError(f"data.packing=false pads every document: tokenizer={tok.name} has no pad token (set "
-                             f"tokenizer.pad_token)")
+    pad = tok.padding()
     keep = row_len - 1 - len(before) - len(after)
     if keep < 1:
         raise TokenizerError(f"data.seq_len={row_len - 1} leaves no room for text beside the boundary tokens")
-    rows = np.full((len(docs), row_len), tok.pad_id, dtype=tok.dtype)
+    rows = np.full((len(docs), row_len), pad, dtype=tok.dtype)
     for row, doc in zip(rows, docs):
         ids = before + doc[:keep] + after
         row[:len(ids)] = ids

@@ -101,6 +101,13 @@ class Tokenizer:
             raise TokenizerError(f"data.eot={eot} needs tokenizer.{missing}, which tokenizer={self.name} does not set")
         return before, after
 
+    def padding(self) -> int:
+        """The id unpacked rows are padded with (data.packing=false); an error if the tokenizer has none."""
+        if self.pad_id is None:
+            raise TokenizerError(f"data.packing=false pads every document: tokenizer={self.name} has no pad token "
+                                 f"(set tokenizer.pad_token, or data.packing=true)")
+        return self.pad_id
+
     @property
     def dtype(self) -> np.dtype:
         """Shards store 2-byte tokens up to id 65,535 and 4-byte ones beyond (LLaMA-3's 128,256)."""

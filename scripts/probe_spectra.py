@@ -32,8 +32,8 @@ from omegaconf import OmegaConf
 
 from data import TrainBatches, open_dataset
 from models import build_model
+from models.loss import IGNORE, without_pads
 from optim.orthogonalize import polar_svd
-from optim.schedules import Schedule
 from optim.spectral import directional_alignment, principal_angles, signal_alignment
 from optim.stages import second_moment_preconditioned
 from trainer.checkpoint import read_checkpoint_meta
@@ -57,10 +57,10 @@ class Probe:
         self.model.load_state_dict({k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()})
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
         self.optimizer.load_state_dict(checkpoint["optimizer_states"][0])
-        self.plan = make_plan(self.cfg, world_size=1)
         tokens = open_dataset(self.cfg.data)
+        self.plan = make_plan(self.cfg, world_size=1).on_data(tokens.splits["train"])
         self.batches = TrainBatches(tokens.splits["train"], self.plan.seq_len, self.plan.seqs_per_step,
-                                    self.plan.micro_batch, seed=int(self.cfg.data.seed))
+                                    self.plan.micro_batch, seed=self.plan.data_seed, packed=self.plan.packed)
         self.layers = default_layers(self.model)
         self.params = dict(self.model.named_parameters())
 
@@ -70,7 +70,8 @@ class Probe:
         parts = self.batches.step_batches(step)
         for inputs, targets in parts:
             logits = self.model(inputs)
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / len(parts)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), without_pads(targets, self.plan.pad_id).flatten(),
+                                                     ignore_index=IGNORE) / len(parts)
             loss.backward()
         return {name: self.params[name].grad.double().clone() for name in self.layers}
 
@@ -107,14 +108,13 @@ def stationary(probe: Probe, grads: int, rank: int, ns_steps: int) -> tuple[list
 
 
 def trajectory(probe: Probe, steps: int, window: int, rank: int) -> list[dict]:
-    schedule = Schedule(**OmegaConf.to_container(probe.cfg.schedule, resolve=True))
     recent = {name: deque(maxlen=window) for name in probe.layers}
     post = {name: None for name in probe.layers}
     matrix_beta = float(OmegaConf.select(probe.cfg, "optim.matrix.momentum", default=0.95))
     rows = []
     for t in range(probe.step + 1, probe.step + steps + 1):  # past the budget: at its final lr
         grads = probe.gradients(t)
-        factor = schedule.factor(min(probe.plan.tokens_at(t), probe.plan.budget_tokens), probe.plan.budget_tokens)
+        factor = probe.plan.lr_factor(t - 1)  # past the budget: its last step's
         for group in probe.optimizer.param_groups:
             group["lr"] = group.get("initial_lr", group["lr"]) * factor
         probe.optimizer.step()

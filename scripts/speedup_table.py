@@ -46,7 +46,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from data.files import atomic_file
-from trainer.metrics import read_metrics
+from trainer.metrics import read_budget, read_metrics
 
 
 class TableError(ValueError):
@@ -60,13 +60,20 @@ class Run:
     config: dict  # the resolved config
     rows: list[dict]
     metric: str = "val_loss"
+    recorded: dict | None = None  # its budget.json (trainer/metrics.py); None for runs written before it
 
     @property
     def budget(self) -> int:
+        """The arm's budget: budget.tokens rounded down to whole steps, or as given where the steps depend on the
+        data (unpacked runs counting non-pad targets: seeds differ in their steps, not in their arm)."""
+        if self.recorded is not None and self.recorded["counts"] == "nonpad":
+            return self.config["budget"]["tokens"]
         return self.total_steps * self.config["data"]["batch_tokens"]
 
     @property
     def total_steps(self) -> int:
+        if self.recorded is not None:
+            return self.recorded["steps"]
         return self.config["budget"]["tokens"] // self.config["data"]["batch_tokens"]
 
     @property
@@ -95,7 +102,7 @@ def find_runs(roots: list[Path], metric: str = "val_loss") -> list[Run]:
             if (hydra_dir / "hydra.yaml").is_file() and (hydra_dir / "config.yaml").is_file():
                 choices = dict(OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.choices)
                 config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)
-                runs.append(Run(metrics.parent, choices, config, read_metrics(metrics), metric))
+                runs.append(Run(metrics.parent, choices, config, read_metrics(metrics), metric, read_budget(metrics.parent)))
     return runs
 
 

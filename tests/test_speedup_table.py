@@ -54,6 +54,21 @@ def test_bits_per_byte_put_runs_of_two_tokenizers_in_one_table(tmp_path):
     assert "| muon2 | 1,000 | 1 | 1.8000 ± 0.0000 | 500 | 2.00x |" in rows["muon2"]
 
 
+def test_a_run_counting_nonpad_targets_ends_at_its_recorded_steps_in_the_arm_of_its_nominal_budget(tmp_path):
+    """An unpacked run whose budget counts non-pad targets learns its steps from its data (budget.json): its seeds
+    differ in steps and tokens trained, so its arm is budget.tokens as given; a run without the file (positions,
+    or written before it) has budget.tokens rounded down to whole steps of data.batch_tokens."""
+    nonpad = fake_run(tmp_path, "nonpad", "muon", curve(4.0), budget=1050)
+    (nonpad / "budget.json").write_text('{"counts": "nonpad", "tokens": 1000, "steps": 10}')
+    longer = fake_run(tmp_path, "longer", "muon", curve(4.0), budget=1050)
+    (longer / "budget.json").write_text('{"counts": "nonpad", "tokens": 1190, "steps": 12}')
+    positions = fake_run(tmp_path, "positions", "muon", curve(4.0), budget=1050)
+    runs = {r.path.name: r for r in table.find_runs([tmp_path])}
+    assert (runs["nonpad"].finished, runs["nonpad"].budget) == (True, 1050)
+    assert (runs["longer"].finished, runs["longer"].total_steps) == (False, 12)  # its metrics stop at step 10
+    assert (runs["positions"].finished, runs["positions"].budget) == (True, 1000)
+
+
 def test_crossing_interpolates_between_evaluations_and_never_extrapolates():
     evals = [(100, 5.0), (200, 4.0), (300, 3.5)]
     assert table.crossing(evals, 4.5) == pytest.approx(150.0)

@@ -260,6 +260,18 @@ def test_resuming_with_a_different_config_is_refused(make_cfg, tmp_path):
         run(make_cfg("optim.lr=0.01"))
 
 
+def test_checkpoints_from_before_budget_counts_resume_as_they_trained():
+    """Budgets counted positions before budget.counts: a packed run's are its non-pad targets (it has no pads)
+    and resumes under the new default; an unpacked one's differ, and resuming it with budget.counts=nonpad is refused."""
+    from trainer.checkpoint import trajectory_differences
+
+    def config(packing, counts=None):
+        return {"data": {"packing": packing, "eot": "append"}, "budget": {"tokens": 1000, **({"counts": counts} if counts else {})}}
+    assert trajectory_differences(config(True), config(True, "nonpad")) == []
+    assert trajectory_differences(config(False), config(False, "nonpad")) == ["budget.counts: 'positions' -> 'nonpad'"]
+    assert trajectory_differences(config(False), config(False, "positions")) == []
+
+
 def test_progress_lines_in_a_log_file(make_cfg, capsys):
     run(make_cfg("callbacks=default", "callbacks.progress.log_every_s=0"))
     out = capsys.readouterr().out

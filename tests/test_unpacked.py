@@ -3,6 +3,8 @@ with its boundary tokens kept, padded; the pads are no targets (loss, validation
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -13,6 +15,7 @@ from data import DataError, TrainBatches, open_dataset, validation_windows
 from data.tokenizer import load_tokenizer
 from models.loss import IGNORE, chunked_cross_entropy
 from test_hf_data import write_c4
+from trainer.errors import ConfigError
 from trainer.evaluation import loss_sum, target_count
 
 SEQ = 32
@@ -84,9 +87,38 @@ def test_a_run_on_unpacked_documents_learns_and_reports_bits_per_byte(t5_c4, tmp
     every = read_metrics(tmp_path / "run" / "metrics.csv")
     rows = [r for r in every if "val_loss" in r]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] and 0 < rows[-1]["val_bpb"] < rows[0]["val_bpb"]
-    # tokens count every position (the step clock, the FLOPs); nonpad_tokens the targets that were not pads
-    assert 0 < every[0]["nonpad_tokens"] < every[0]["tokens"] and every[-1]["nonpad_tokens"] < every[-1]["tokens"]
+    # the budget counts non-pad targets (budget.counts=nonpad): the tokens column is the targets trained, as the
+    # step summary counted them, up to the last step within budget.tokens; throughput counts every position
+    budget = json.loads((tmp_path / "run" / "budget.json").read_text())
+    assert [r["tokens"] for r in every] == [r["nonpad_tokens"] for r in every]
+    assert budget == {"counts": "nonpad", "tokens": every[-1]["tokens"], "steps": every[-1]["step"]}
+    assert 2560 - 128 < every[-1]["tokens"] <= 2560 and every[-1]["step"] > 2560 // 128  # more steps: a step has pads
     assert all(b["nonpad_tokens"] > a["nonpad_tokens"] for a, b in zip(every, every[1:]))
+
+
+def test_a_nonpad_budget_ends_at_the_last_step_whose_targets_fit(t5_c4):
+    from trainer.plan import make_plan
+
+    overrides, data_cfg, _, tok = t5_c4
+    train = open_dataset(data_cfg).splits["train"]
+    small = [*overrides, "model=llama_tiny", "model.vocab_size=512", "data.micro_batch=2", "data.batch_tokens=128",
+             "budget.tokens=2000"]
+    plan = make_plan(compose(small), 1).on_data(train)
+    batches = TrainBatches(train, SEQ, plan.seqs_per_step, plan.micro_batch, seed=plan.data_seed, packed=False)
+    by_hand = [0]
+    while by_hand[-1] <= 2000:  # every step's targets that are not pads, read from its batches
+        by_hand.append(by_hand[-1] + sum(int((t != tok.pad_id).sum()) for _, t in batches.step_batches(len(by_hand) - 1)))
+    assert plan.total_steps == len(by_hand) - 2 and plan.budget_tokens == by_hand[-2]
+    assert [plan.tokens_at(k) for k in range(plan.total_steps + 1)] == by_hand[:-1]
+    assert plan.positions_at(plan.total_steps) == 128 * plan.total_steps
+    assert plan.lr_factor(plan.total_steps - 1) == plan.schedule.factor(by_hand[-2], by_hand[-2])
+
+    positions = make_plan(compose([*small, "budget.counts=positions"]), 1).on_data(train)
+    assert positions.total_steps == 2000 // 128 and positions.budget_tokens == 2000 // 128 * 128
+    with pytest.raises(ConfigError, match=r"budget.tokens=50 non-pad tokens is smaller than the first optimizer step's \d+"):
+        make_plan(compose([*small, "budget.tokens=50"]), 1).on_data(train)
+    with pytest.raises(ConfigError, match=r"budget.counts='targets' is not one of \['nonpad', 'positions'\]"):
+        make_plan(compose([*small, "budget.counts=targets"]), 1)
 
 
 def test_unpacked_needs_documents_and_a_pad(tmp_path):

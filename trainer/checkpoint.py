@@ -86,6 +86,8 @@ def trajectory_differences(saved: dict, current: dict) -> list[str]:
     if "tokenizer.name" not in saved_flat and current_flat.get("tokenizer.name") == "gpt2":  # GPT-2 was the only one
         saved_flat |= {k: v for k, v in current_flat.items() if k.startswith("tokenizer.")}
     saved_flat = ADDED_LATER | saved_flat
+    if "budget.counts" not in saved_flat:  # budgets counted positions, which packed sequences hold no pads among
+        saved_flat["budget.counts"] = "nonpad" if saved_flat["data.packing"] else "positions"
     keys = sorted(k for k in set(saved_flat) | set(current_flat) if any(k == t or k.startswith(t + ".") for t in TRAJECTORY_KEYS))
     return [f"{k}: {saved_flat.get(k)!r} -> {current_flat.get(k)!r}" for k in keys if saved_flat.get(k) != current_flat.get(k)]
 

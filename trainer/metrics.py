@@ -1,6 +1,6 @@
 """metrics.csv: one row per optimizer step, the source of truth for every analysis script.
 
-Columns: tokens, step, train_loss, val_loss (nats per target token), val_ppl (exp(val_loss)) and
+Columns: tokens (what budget.tokens counts: every position, or an unpacked run's non-pad targets), step, train_loss, val_loss (nats per target token), val_ppl (exp(val_loss)) and
 val_bpb (bits per UTF-8 byte of the validation text, comparable across tokenizers; trainer/evaluation.py)
 on evaluation steps (empty otherwise), lr_<group> for
 every optimizer group, grad_norm (before clipping), grad_evals, tokens_per_s, mfu (model FLOPs
@@ -9,17 +9,32 @@ resumed sessions), then any columns callbacks add. A new column rewrites the fil
 the wider header; otherwise rows are appended and flushed. Each checkpoint keeps the rows up to its
 step; a resumed run starts from those (rows written after the checkpoint are dropped, and a missing
 or damaged file is rewritten), so it ends with the same rows as an uninterrupted one.
+
+budget.json beside it: the run's whole budget as trained, {"counts", "tokens", "steps"} (an unpacked run whose
+budget counts non-pad targets learns its step count from its data, so its config alone does not say it).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
 from data.files import atomic_file
 
 LEADING = ("tokens", "step", "train_loss", "val_loss", "val_ppl", "val_bpb")
+
+
+def write_budget(run_dir: Path, counts: str, tokens: int, steps: int) -> None:
+    with atomic_file(Path(run_dir) / "budget.json") as tmp:
+        tmp.write_text(json.dumps({"counts": counts, "tokens": tokens, "steps": steps}) + "\n")
+
+
+def read_budget(run_dir: Path) -> dict | None:
+    """The run's budget.json, or None for runs written before it existed (their config says the same)."""
+    path = Path(run_dir) / "budget.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 class MetricsError(ValueError):

@@ -4,11 +4,14 @@ reads its settings here, never from the config."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from data.batches import row_targets, targets_after_steps
+from data.shards import TokenStream
 from data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from models import ModelConfigError, build_config, config_problems
 from optim.schedules import Schedule
@@ -27,6 +30,7 @@ class RunPlan:
     tokens_per_step: int  # the global batch, data.batch_tokens
     accumulation: int  # micro-batches per device per optimizer step
     total_steps: int
+    nonpad_budget: int | None  # unpacked, budget.counts=nonpad: budget.tokens, which `on_data` turns into steps
     eval_every_tokens: int
     ckpt_every_tokens: int
     eval_tokens: int  # size of the fixed validation set
@@ -45,6 +49,7 @@ class RunPlan:
     num_workers: int
     run_dir: Path
     config: dict = field(repr=False, compare=False)  # the resolved config, saved in each checkpoint
+    counted: np.ndarray | None = field(default=None, repr=False, compare=False)  # non-pad targets after each step
 
     @property
     def gradient_evals_per_step(self) -> int:
@@ -62,16 +67,41 @@ class RunPlan:
     @property
     def budget_tokens(self) -> int:
         """Tokens actually trained: the budget rounded down to whole optimizer steps."""
-        return self.total_steps * self.tokens_per_step
+        return self.tokens_at(self.total_steps)
+
+    @property
+    def budget_counts(self) -> str:
+        """What tokens_at counts: "nonpad" (an unpacked run's non-pad targets) or "positions" (every one; packed
+        sequences have no pads)."""
+        return "positions" if self.nonpad_budget is None else "nonpad"
 
     def tokens_at(self, step: int) -> int:
-        """Tokens seen after `step` optimizer steps."""
+        """Tokens trained after `step` optimizer steps, in the budget's count (budget.counts): sequence positions,
+        or the non-pad targets of an unpacked run (`on_data`). Evaluation, checkpoints and the lr schedule
+        are placed by it."""
+        return self.positions_at(step) if self.counted is None else int(self.counted[step])
+
+    def positions_at(self, step: int) -> int:
+        """Sequence positions computed after `step` optimizer steps (throughput and FLOPs count these)."""
         return step * self.tokens_per_step
+
+    def on_data(self, train: TokenStream) -> RunPlan:
+        """The plan on its train split. An unpacked run whose budget counts non-pad targets trains the whole
+        steps whose targets fit in budget.tokens, counted on the rows the sampler visits; others are as planned."""
+        if self.nonpad_budget is None:
+            return self
+        try:
+            counted = targets_after_steps(row_targets(train, self.seq_len, self.pad_id), self.seq_len, self.data_seed,
+                                          self.seqs_per_step, self.nonpad_budget)
+        except ValueError as e:
+            raise ConfigError(f"invalid configuration:\n  - {e} (budget.counts=nonpad; budget.counts=positions counts "
+                              f"every position, pads included)") from None
+        return replace(self, total_steps=len(counted) - 1, counted=counted)
 
     def lr_factor(self, step: int) -> float:
         """The lr multiplier of optimizer step `step` + 1 (LambdaLR counts from 0): the schedule at
-        the tokens seen at its end."""
-        return self.schedule.factor(self.tokens_at(step + 1), self.budget_tokens)
+        the tokens seen at its end (past the last step: the last step's, as LambdaLR asks after it)."""
+        return self.schedule.factor(self.tokens_at(min(step + 1, self.total_steps)), self.budget_tokens)
 
     def _crossed(self, every: int, step: int) -> bool:
         return self.tokens_at(step) // every > self.tokens_at(step - 1) // every
@@ -92,6 +122,7 @@ def _nearby_multiples(unit: int, around: int) -> str:
     return ", ".join(str(v) for v in dict.fromkeys((low, low + unit)))
 
 
+BUDGET_COUNTS = ("nonpad", "positions")
 INTEGERS = ("data.seq_len", "data.micro_batch", "data.batch_tokens", "data.seed", "data.num_workers", "budget.tokens",
             "eval.every_tokens", "eval.tokens", "checkpoint.every_tokens")
 OPTIONAL_INTEGERS = ("eval.batch_tokens",)
@@ -187,8 +218,12 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
             f"data.batch_tokens={batch_tokens} is not divisible by data.micro_batch x data.seq_len x world size = "
             f"{micro} x {seq_len} x {world_size} = {unit} (valid nearby: {_nearby_multiples(unit, batch_tokens)})"
         )
-    budget = int(cfg.budget.tokens)
-    if batch_tokens > 0 and budget < batch_tokens:
+    budget, counts = int(cfg.budget.tokens), cfg.budget.get("counts", "nonpad")
+    if counts not in BUDGET_COUNTS:
+        problems.append(f"budget.counts={counts!r} is not one of {list(BUDGET_COUNTS)}")
+    packed = bool(cfg.data.get("packing", True))
+    counts_nonpad = counts == "nonpad" and not packed
+    if batch_tokens > 0 and budget < batch_tokens and not counts_nonpad:
         problems.append(f"budget.tokens={budget} is smaller than one optimizer step of data.batch_tokens={batch_tokens} tokens")
     for name in ("eval.every_tokens", "checkpoint.every_tokens", "eval.batch_tokens"):
         value = OmegaConf.select(cfg, name)
@@ -208,10 +243,11 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
     except ConfigError as e:
         problems.append(str(e))
     problems += setting_problems(cfg)
-    packed = bool(cfg.data.get("packing", True))
-    if not packed and tokenizer is not None and tokenizer.pad_id is None:
-        problems.append(f"data.packing=false pads every document: tokenizer={tokenizer.name} has no pad token "
-                        f"(set tokenizer.pad_token, or data.packing=true)")
+    if not packed and tokenizer is not None:
+        try:
+            tokenizer.padding()
+        except TokenizerError as e:
+            problems.append(str(e))
     if cfg.grad_clip is not None and float(cfg.grad_clip) <= 0:
         problems.append(f"grad_clip={cfg.grad_clip} must be > 0 (or null for no clipping)")
     if problems:
@@ -224,6 +260,7 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
         tokens_per_step=batch_tokens,
         accumulation=batch_tokens // unit,
         total_steps=budget // batch_tokens,
+        nonpad_budget=budget if counts_nonpad else None,
         eval_every_tokens=int(cfg.eval.every_tokens),
         ckpt_every_tokens=int(cfg.checkpoint.every_tokens),
         eval_tokens=int(cfg.eval.tokens),

@@ -26,7 +26,7 @@ from trainer.errors import ConfigError
 from trainer.evaluation import target_bytes
 from trainer.host_memory import keep_freed_memory
 from trainer.loggers import build_loggers
-from trainer.metrics import MetricsCSV
+from trainer.metrics import MetricsCSV, write_budget
 from trainer.module import LanguageModel
 from trainer.optimizers import build_optimizer
 from trainer.parallel import build_strategy, check_layout, cluster_plugins, ranks_run_this_job_only, world_size_of
@@ -73,6 +73,12 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     tokens = open_dataset(cfg.data)
+    plan = plan.on_data(tokens.splits["train"])
+    if plan.nonpad_budget is not None:
+        say(f"budget: {plan.budget_tokens:,} non-pad tokens in {plan.total_steps:,} steps of {plan.tokens_per_step:,} "
+            f"positions ({plan.budget_tokens / plan.positions_at(plan.total_steps):.0%} of them non-pad)")
+    if rank_zero_only.rank == 0:
+        write_budget(run_dir, plan.budget_counts, plan.budget_tokens, plan.total_steps)
     val = validation_windows(tokens.splits["val"], plan.seq_len, plan.eval_tokens, plan.packed)
     val_bytes = target_bytes(val, tokenizer_of(cfg).piece_bytes())
     if len(tokens.splits["val"]) < plan.eval_tokens:

@@ -66,10 +66,11 @@ class StepMetrics:
         """The step's row: its measurements, the throughput since the last boundary, the columns
         `more()` returns (measured after the clock stopped), then the columns callbacks added. Unpacked
         (data.packing=false), `targets` (the step's non-pad targets) also gives nonpad_tokens (cumulative)
-        and nonpad_tokens_per_s; tokens and tokens_per_s count every position, as the FLOPs (mfu) do."""
+        and nonpad_tokens_per_s; tokens counts what the budget counts (budget.counts), tokens_per_s every
+        position, as the FLOPs (mfu) do."""
         now = time.perf_counter()
         self.elapsed_s += now - self._clock
-        tokens_per_s = self.plan.tokens_at(step - self._clock_step) / (now - self._clock)
+        tokens_per_s = self.plan.positions_at(step - self._clock_step) / (now - self._clock)
         row = {"tokens": self.plan.tokens_at(step), "step": step, "train_loss": train_loss, **lrs,
                "grad_norm": grad_norm, "grad_evals": step * self.plan.gradient_evals_per_step,
                "tokens_per_s": tokens_per_s, "mfu": self._flops_per_token * tokens_per_s / self._peak_flops,
