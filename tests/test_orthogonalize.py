@@ -91,22 +91,44 @@ def test_gram_form_has_the_iterates_last_value(shape, coefficients):
     assert (newton_schulz(X.float(), 5, coefficients, torch.float32).double() - last).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("s", [96, 320])  # 320: the symmetric products of a CPU in both (symmetric_product)
 @pytest.mark.parametrize("coefficients", ["kj", "polar_express"])
-def test_gram_form_in_float32_stays_within_a_few_times_the_iterates_rounding(coefficients):
+def test_gram_form_in_float32_stays_within_a_few_times_the_iterates_rounding(coefficients, s):
     """Singular values spread over six decades, where ‖Q‖ reaches its bound ∏ a_k: restarted at a gain of 50,
     the Gram form keeps float32 rounding within a few times the iterates' own (in one segment, gain 484
     for Keller Jordan's five steps, it was 16x here and 60x in the spectral norm)."""
     from optim.orthogonalize import newton_schulz_iterates
 
     g = torch.Generator().manual_seed(0)
-    U = torch.linalg.qr(torch.randn(96, 96, generator=g, dtype=torch.float64))[0]
-    V = torch.linalg.qr(torch.randn(288, 96, generator=g, dtype=torch.float64))[0]
-    X = U @ torch.diag(torch.logspace(0, -6, 96, dtype=torch.float64)) @ V.T
+    U = torch.linalg.qr(torch.randn(s, s, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(3 * s, s, generator=g, dtype=torch.float64))[0]
+    X = U @ torch.diag(torch.logspace(0, -6, s, dtype=torch.float64)) @ V.T
     *_, exact = newton_schulz_iterates(X, 5, coefficients, torch.float64)
     *_, iterates = newton_schulz_iterates(X.float(), 5, coefficients, torch.float32)
     iterates_error = (iterates.double() - exact).abs().max()
     gram_error = (newton_schulz(X.float(), 5, coefficients, torch.float32).double() - exact).abs().max()
     assert gram_error < 5 * iterates_error < 1e-4
+
+
+def test_symmetric_products_equal_the_whole_products_to_rounding(monkeypatch):
+    """symmetric_product mirrors the upper-right block, at two levels here (601 -> 300 + 301 -> 150 + 151, odd
+    sizes too); Newton–Schulz with it, in both forms, is the plain products' result up to float32 rounding."""
+    from optim import orthogonalize
+
+    g = torch.Generator().manual_seed(3)
+    Y = torch.randn(2, 601, 700, generator=g)
+    A = Y @ Y.mT
+    for left, right, whole in ((Y, Y.mT, A), (A, A, A @ A), (A, A @ A, A @ A @ A)):
+        product = orthogonalize.symmetric_product(left, right)
+        assert (product - whole).abs().max() < 1e-6 * whole.abs().max()
+        assert torch.equal(product[:, 300:, :300], product[:, :300, 300:].mT)
+        assert torch.equal(product[:, 450:, 300:450], product[:, 300:450, 450:].mT)
+    X = torch.randn(300, 900, generator=g)
+    square = torch.randn(300, 300, generator=g)
+    with_blocks = [newton_schulz(M, dtype=torch.float32) for M in (X, square)]
+    monkeypatch.setattr(orthogonalize, "SYMMETRIC_MIN_CPU", 10**9)
+    for M, blocks in zip((X, square), with_blocks):
+        assert (blocks - newton_schulz(M, dtype=torch.float32)).abs().max() < 1e-5
 
 
 def test_norm_conventions_differ_only_by_eps():
