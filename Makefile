@@ -16,10 +16,10 @@ install-dev: ## install + the test tools
 train: install ## the default run: small GPT-2 on Shakespeare with Muon (4–7 min on 2 CPU cores); ARGS="optim=adamw ..."
 	$(PY) train.py $(ARGS)
 
-test: install-dev ## the test suite (~15 min on 2 CPU cores), without the slow end-to-end runs
+test: install-dev ## the test suite (~16 min on 2 CPU cores), without the slow end-to-end runs
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
-test-slow: install-dev ## the slow end-to-end tests (~40 min: the default run, resume, DDP/FSDP parity, a real SLURM cluster, lm-eval)
+test-slow: install-dev ## the slow end-to-end tests (~32 min: the default run, resume, DDP/FSDP parity, a real SLURM cluster, lm-eval)
 	@scripts/install.sh dev,eval
 	@scripts/install_slurm.sh
 	$(PY) -m pytest -m slow $(ARGS)
