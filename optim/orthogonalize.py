@@ -155,7 +155,7 @@ def newton_schulz_iterates(
     for k in range(steps):
         a, b, c = triples[min(k, len(triples) - 1)]
         A = symmetric_product(Y, Y.mT)
-        B = symmetric_product(A, A).mul_(c).add_(A, alpha=b)  # b A + c A²
+        B = symmetric_quadratic(A, b, c)  # b A + c A²
         Y = torch.baddbmm(Y, B, Y, beta=a)  # a Y + B Y
         yield _restored(Y, tall, batch_shape)
 
@@ -171,16 +171,26 @@ def symmetric_product(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     products of the same kind; 768: two levels, 5/8 of the multiply-adds (measured, 2 threads: 0.65x
     the time of a Gram matrix Y Yᵀ, 0.79x of A²; more levels' smaller matmuls lose). On a GPU, A @ B
     (its two smaller matmuls are not measured yet)."""
-    n = A.shape[-2]
-    if A.device.type != "cpu" or n < SYMMETRIC_MIN_CPU:
+    if not _in_blocks(A):
         return A @ B
-    h = n // 2
-    C = torch.empty(*A.shape[:-1], n, dtype=A.dtype, device=A.device)
+    h = A.shape[-2] // 2
+    C = torch.empty(*A.shape[:-1], A.shape[-2], dtype=A.dtype, device=A.device)
     C[..., :h, :h] = symmetric_product(A[..., :h, :], B[..., :h])
     torch.matmul(A[..., :h, :], B[..., h:], out=C[..., :h, h:])
     C[..., h:, h:] = symmetric_product(A[..., h:, :], B[..., h:])
     C[..., h:, :h] = C[..., :h, h:].mT
     return C
+
+
+def _in_blocks(A: torch.Tensor) -> bool:
+    return A.device.type == "cpu" and A.shape[-2] >= SYMMETRIC_MIN_CPU
+
+
+def symmetric_quadratic(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
+    """b A + c A² of a symmetric A: A² in symmetric blocks where they apply, else one fused baddbmm."""
+    if not _in_blocks(A):
+        return torch.baddbmm(A, A, A, beta=b, alpha=c)
+    return symmetric_product(A, A).mul_(c).add_(A, alpha=b)
 
 
 GRAM_MAX_GAIN = 50.0  # restart the Gram form before ∏ a_k (the bound on ‖Q‖) would pass this
@@ -199,15 +209,15 @@ def gram_newton_schulz(Y: torch.Tensor, triples, steps: int, max_gain: float = G
     4 l s² + 14 s³ against 5 (2 l s² + s³): 0.74x for qkv (l = 3s), 0.67x for the MLP matrices
     (l = 4s). On a CPU the Gram matrices, A² and P A P are computed in symmetric blocks
     (`symmetric_product`: 5/8 of their multiply-adds at s = 768). P Q is symmetric too, but mirroring
-    it mixes in Q P, which differs by rounding amplified by ‖Q‖: 10x the error. Float32 rounding stays ~1e-6 relative; bfloat16's would
-    not, so only float32/float64 take this path."""
+    it mixes in Q P, which differs by rounding amplified by ‖Q‖: 10x the error. Float32 rounding stays
+    ~1e-6 relative; bfloat16's would not, so only float32/float64 take this path."""
     coefficients = lambda k: triples[min(k, len(triples) - 1)]  # noqa: E731
     k = 0
     while k < steps:
         A, Q, gain = symmetric_product(Y, Y.mT), None, 1.0
         while True:
             a, b, c = coefficients(k)
-            P = symmetric_product(A, A).mul_(c).add_(A, alpha=b)
+            P = symmetric_quadratic(A, b, c)
             P.diagonal(dim1=-2, dim2=-1).add_(a)
             Q = P if Q is None else P @ Q  # symmetric too, but its mirror mixes in Q P: 10x the error
             gain, k = gain * abs(a), k + 1
