@@ -18,8 +18,10 @@ assignment from the shapes alone. An owner orthogonalizes its matrices in same-s
     one process, or nothing opted in       every matrix here, as before.
 
 `on_owners` is the general form: any per-matrix work that needs whole tensors (Dion's power
-iteration takes M and its Q, and returns D, the new M and the new Q), in one exchange each way; the
-owner plan (owners, rows, offsets) is computed once per shape signature. Orthogonalization sends
+iteration on DDP replicas takes M and its Q, and returns D, the new M and the new Q), in one exchange
+each way; the owner plan (owners, rows, offsets) is computed once per shape signature. Work that
+splits by rows needs no owners: `gather_row_shards` collects small per-row factors from every rank in
+one all-gather (Dion under FSDP2, optim/stages.py). Orthogonalization sends
 its matrices in the Newton–Schulz dtype (bf16 on a GPU: half the bytes, the same bits).
 
 Element-wise stages (momentum, second moments, NSR/VS) work on the shards as they are; whole-matrix
@@ -75,6 +77,45 @@ def sum_over_row_shards(values: torch.Tensor, like: list[torch.Tensor]) -> torch
                                       f"mesh dimension (placements {sharded[0].placements})")
         dist.all_reduce(values, group=sharded[0].device_mesh.get_group(row_shard_dim(sharded[0])))
     return values
+
+
+def row_sharded(tensors: list[torch.Tensor]) -> bool:
+    """Whether `tensors` are all DTensors sharded on rows over one mesh dimension of one mesh (FSDP2, HSDP)."""
+    return bool(tensors) and all(isinstance(t, DTensor) for t in tensors) and _sharded_on_rows(tensors)
+
+
+def gather_row_shards(pieces: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Whole tensors on every rank from this rank's row shards `pieces` (plain tensors), each split by rows
+    as the row-sharded DTensor `like[j]` is (same number of rows; any columns): one all-gather for all of
+    them, each rank's rows as one flat piece (padded to the longest), where DTensor.full_tensor() would
+    make one per tensor."""
+    mesh, dim = like[0].device_mesh, row_shard_dim(like[0])
+    world, rank = mesh.size(dim), mesh.get_local_rank(dim)
+    rows = [shard_rows(ref.shape[0], world) for ref in like]
+    row_numel = [math.prod(piece.shape[1:]) for piece in pieces]
+    sizes = [[r[k] * n for r, n in zip(rows, row_numel)] for k in range(world)]  # sizes[k][j]: rank k's numbers of tensor j
+    longest = max(sum(s) for s in sizes)
+    send = torch.zeros(longest, device=pieces[0].device, dtype=pieces[0].dtype)
+    torch.cat([piece.reshape(-1) for piece in pieces], out=send[:sum(sizes[rank])])
+    received = torch.empty(world * longest, device=send.device, dtype=send.dtype)
+    _all_gather(received, send, mesh.get_group(dim))
+    received = received.view(world, longest)
+    from_rank = [received[k, :sum(sizes[k])].split(sizes[k]) for k in range(world)]
+    return [torch.cat([from_rank[k][j].view(rows[j][k], *piece.shape[1:]) for k in range(world)])
+            for j, piece in enumerate(pieces)]
+
+
+def own_rows(wholes: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's rows of each whole tensor (views), split by rows as the row-sharded DTensor `like[j]` is."""
+    mesh, dim = like[0].device_mesh, row_shard_dim(like[0])
+    world, rank = mesh.size(dim), mesh.get_local_rank(dim)
+    return [whole[sum(rows[:rank]):sum(rows[:rank + 1])]
+            for whole, rows in zip(wholes, (shard_rows(ref.shape[0], world) for ref in like))]
+
+
+def _all_gather(output: torch.Tensor, input_: torch.Tensor, group) -> None:
+    # torch >= 2.13 names it all_gather_single (all_gather_into_tensor, the older name, warns there)
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(output, input_, group=group)
 
 
 def whole_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -153,7 +194,7 @@ def on_owners(compute: Compute, inputs: list[list[torch.Tensor]], outputs_like: 
     and broadcast; otherwise everything is computed here. Tensors travel in `payload_dtype` (default:
     the first input's)."""
     everything = [t for field in inputs for t in field]
-    if everything and all(isinstance(t, DTensor) for t in everything) and _sharded_on_rows(everything):
+    if row_sharded(everything):
         return _on_owners_sharded(compute, inputs, outputs_like, payload_dtype)
     if any(isinstance(t, DTensor) for t in everything):  # other layouts: gather, compute here
         outputs = _in_dtypes(compute(*[gather_whole(field) for field in inputs]), inputs, outputs_like)

@@ -44,8 +44,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from optim.distributed import (DTensor, Replicate, distribute_tensor, like_dtensors, local_tensors, on_owners,
-                               orthogonalize_distributed, shard_like, sum_over_row_shards, whole_norms)
+from optim.distributed import (DTensor, Replicate, distribute_tensor, gather_row_shards, like_dtensors, local_tensors,
+                               on_owners, orthogonalize_distributed, own_rows, row_sharded, shard_like,
+                               sum_over_row_shards, whole_norms)
 from optim.orthogonalize import Orthogonalizer
 
 
@@ -401,10 +402,10 @@ class LowRankOrthogonalize(Stage):
 
     μ = group["momentum"], ε = group["eps"], r = ceil(rank_fraction · min(m, n)). Q starts as a
     standard normal matrix from a generator seeded with the matrix's position in its group, so that
-    every DDP replica starts alike. Same-shaped matrices iterate as one batch, each matrix on one owner
-    rank (optim/distributed.py, ``on_owners``): under FSDP2 the rows of M and Q go to the owner and the
-    rows of the new M, the new Q and D come back (two all-to-alls a step); DDP owners broadcast theirs.
-    State: ``dion/momentum``, ``dion/q`` (under FSDP2 both sharded by rows)."""
+    every DDP replica starts alike. Same-shaped matrices iterate as one batch. Under FSDP2/HSDP each rank
+    works on its own rows and only rank-r factors travel (`power_iteration_on_row_shards`); DDP replicas
+    divide the matrices among owner ranks, which broadcast their results (optim/distributed.py,
+    ``on_owners``). State: ``dion/momentum``, ``dion/q`` (under FSDP2 both sharded by rows)."""
 
     rank_fraction: float = 1.0
     namespace: str = "dion"
@@ -418,6 +419,8 @@ class LowRankOrthogonalize(Stage):
         buffers = self.state(step, "momentum", updates)
         torch._foreach_add_(buffers, updates)
         starts = self._starting_q(step, buffers)
+        if row_sharded(buffers):
+            return power_iteration_on_row_shards(buffers, starts, mu, eps)
         iterate = lambda Ms, Qs: power_iteration(Ms, Qs, mu, eps)  # noqa: E731
         directions, momenta, qs = on_owners(iterate, [buffers, starts], outputs_like=(0, 0, 1),
                                             replicated_over=step.replicated_over)
@@ -441,10 +444,7 @@ class LowRankOrthogonalize(Stage):
 def power_iteration(momenta: list[Tensor], starts: list[Tensor], mu: float, eps: float):
     """Dion's step on whole matrices, same-shaped ones as one batch: (P Qᵀ, the new M, the new Q) for each."""
     directions, new_momenta, new_qs = [None] * len(momenta), [None] * len(momenta), [None] * len(momenta)
-    by_shape: dict[tuple, list[int]] = {}
-    for i, (M, Q) in enumerate(zip(momenta, starts)):
-        by_shape.setdefault((tuple(M.shape), tuple(Q.shape)), []).append(i)
-    for indices in by_shape.values():
+    for indices in same_shapes(momenta):  # (Q's shape follows M's)
         M, Q = torch.stack([momenta[i] for i in indices]), torch.stack([starts[i] for i in indices])
         P, _ = torch.linalg.qr(M @ Q)
         R = M.mT @ P
@@ -454,6 +454,43 @@ def power_iteration(momenta: list[Tensor], starts: list[Tensor], mu: float, eps:
         for b, i in enumerate(indices):
             directions[i], new_momenta[i], new_qs[i] = D[b], M[b], Q[b]
     return directions, new_momenta, new_qs
+
+
+def power_iteration_on_row_shards(momenta: list[Tensor], starts: list[Tensor], mu: float, eps: float) -> list[Tensor]:
+    """Dion's step on FSDP2/HSDP row shards (DTensors), each of the k ranks on its own rows i of every M; M
+    and Q are updated in place, and the directions D come back sharded like M:
+
+        Q = [Q_1; …; Q_k]                           whole on every rank         one all-gather (n × r each)
+        P = QR([M_1 Q; …; M_k Q])                   the same QR on every rank   one all-gather (m × r each)
+        R = Σ_i M_iᵀ P_i                            P_i: P's rows i             one all-reduce (n × r each)
+        M_i ← M_i − (1 − μ) P_i Rᵀ,   Q_i ← (R ⊘ (‖R_{:,j}‖ + ε))_i,   D_i = P_i Qᵀ
+
+    Three collectives a step for the whole group, of rank-r factors only (about r/n of the bytes that
+    sending whole matrices to owners moves); each rank does 1/k of the products with M, and only the QR
+    (m r² each, same-shaped matrices as one batch) is repeated. Equal to `power_iteration` up to the
+    order of R's sum."""
+    M_rows, Q_rows = local_tensors(momenta), local_tensors(starts)
+    Qs = gather_row_shards(Q_rows, starts)
+    Ps = gather_row_shards([M @ Q for M, Q in zip(M_rows, Qs)], momenta)
+    for indices in same_shapes(Ps):
+        for i, P in zip(indices, torch.linalg.qr(torch.stack([Ps[i] for i in indices]))[0]):
+            Ps[i] = P
+    P_rows = own_rows(Ps, momenta)
+    Rs = sum_over_row_shards(torch.cat([(M.mT @ P).reshape(-1) for M, P in zip(M_rows, P_rows)]), momenta)
+    Rs = [R.view_as(Q) for R, Q in zip(Rs.split([Q.numel() for Q in Qs]), Qs)]
+    for M, P, R in zip(M_rows, P_rows, Rs):
+        M.addmm_(P, R.mT, alpha=-(1.0 - mu))
+    Qs = [R / (R.norm(dim=-2, keepdim=True) + eps) for R in Rs]
+    torch._foreach_copy_(Q_rows, own_rows(Qs, starts))
+    return like_dtensors([P @ Q.mT for P, Q in zip(P_rows, Qs)], momenta)
+
+
+def same_shapes(tensors: list[Tensor]) -> list[list[int]]:
+    """The positions of same-shaped tensors, one list per shape (in order of first appearance)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(tuple(t.shape), []).append(i)
+    return list(groups.values())
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Orthogonalization divided among ranks (optim/distributed.py), in real gloo process groups of 2 and 3
 ranks: FSDP2-style row shards (uneven, and a matrix with fewer rows than ranks), HSDP (2 replicas of a
-2-way sharding, 4 ranks) and DDP-style replicas give the single-process result, and each rank orthogonalizes only the matrices it owns."""
+2-way sharding, 4 ranks) and DDP-style replicas give the single-process result, and each rank orthogonalizes only the matrices it owns.
+Dion's power iteration on row shards, likewise."""
 
 import os
 import socket
@@ -139,3 +140,53 @@ def test_owner_plans_are_computed_once_per_shape_signature():
     first = owner_plan(shapes, 3)
     assert owner_plan(shapes, 3) is first and owner_plan.cache_info().hits == 1
     assert first.owners == tuple(assign_owners(SHAPES, 3)) and first.rows[0][0] == (3, 3, 1)
+
+
+def _dion_worker(rank, world, port, layout, results):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from optim import Dion
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh, placements = (init_device_mesh("cpu", (world,)), [Shard(0)]) if layout == "fsdp" else \
+                           (init_device_mesh("cpu", (2, world // 2)), [Replicate(), Shard(0)])
+        params, grads = dion_problem()
+        sharded = [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, placements)) for p in params]
+        optimizer = Dion(sharded, lr=0.1, rank_fraction=0.5)
+        for g in grads:  # two steps: the second starts from the first's Q and error feedback
+            for p, grad in zip(sharded, g):
+                p.grad = distribute_tensor(grad, mesh, placements)
+            optimizer.step()
+        results[rank] = ([p.full_tensor().detach() for p in sharded],
+                         [optimizer.state[p][key].full_tensor() for p in sharded for key in ("dion/momentum", "dion/q")])
+    finally:
+        dist.destroy_process_group()
+
+
+def dion_problem():
+    g = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(*s, generator=g, dtype=torch.float64)) for s in SHAPES]
+    return params, [[torch.randn(*s, generator=g, dtype=torch.float64) for s in SHAPES] for _ in range(2)]
+
+
+@pytest.mark.parametrize("world,layout", [(3, "fsdp"), (4, "hsdp")])
+def test_dion_on_row_shards_gives_the_single_process_step(world, layout):
+    """Each rank on its own rows (rank-r factors gathered, Mᵀ P summed): the weights, M and Q of one process's
+    two steps, in float64 to 1e-12, with uneven shards and a matrix with fewer rows than ranks."""
+    from optim import Dion
+
+    params, grads = dion_problem()
+    optimizer = Dion(params, lr=0.1, rank_fraction=0.5)
+    for g in grads:
+        for p, grad in zip(params, g):
+            p.grad = grad
+        optimizer.step()
+    state = [optimizer.state[p][key] for p in params for key in ("dion/momentum", "dion/q")]
+    results = mp.Manager().dict()
+    mp.spawn(_dion_worker, args=(world, free_port(), layout, results), nprocs=world)
+    for weights, sharded_state in dict(results).values():
+        for got, want in zip([*weights, *sharded_state], [*params, *state], strict=True):
+            assert torch.allclose(got, want.detach(), rtol=0, atol=1e-12), got.shape
