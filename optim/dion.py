@@ -21,9 +21,10 @@ class Dion(MatrixOptimizer):
     n)); at rank_fraction 1 the update is orthonormal on the captured subspace. Defaults from the
     code: μ 0.95, ε 1e-8, no Nesterov; weight decay 0.1 and the 0.2·sqrt(max(m, n)) scale (ours, to
     share AdamW's lr as every optimizer here; Dion's own is the spectral sqrt(m/n),
-    ``adjust_lr_fn="spectral"``, with wd 0.01). Each matrix's iteration runs on one owner rank, same-shaped
-    matrices as one batch (under FSDP2 the owner receives the matrix's rows; under DDP it broadcasts the
-    result; Q starts from the same seeded draw everywhere).
+    ``adjust_lr_fn="spectral"``, with wd 0.01). Same-shaped matrices iterate as one batch. Under FSDP2
+    each rank works on its own rows of M and only rank-r factors travel (Q and M Q gathered, Mᵀ P
+    summed); under DDP each matrix's iteration runs on one owner rank, which broadcasts the result (Q
+    starts from the same seeded draw everywhere).
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False,
