@@ -6,11 +6,15 @@ fc 3072x768, proj 768x3072), as ratios measured side by side in one run:
      and Dion (rank 1/4) vs our Muon;
   2. two processes (gloo, one thread each) vs one, for Muon and Dion: each rank computing every
      matrix (replicated, what DDP did before), each computing its share (``split_orthogonalization()``,
-     DDP), and FSDP2-style row shards (DTensors, all-to-all to the owners).
+     DDP), and FSDP2-style row shards (DTensors: Muon's rows go to their owners by all-to-all, Dion
+     works on each rank's own rows).
 
 Gradients are fixed random matrices; each setup takes one warm-up step, then the median of
-`--repeats` timed steps: in one process the setups alternate step by step; across processes, the
-slowest rank's time with a barrier around each step. Measured as a user of `optim` alone would run
+`--repeats` timed steps: in one process the setups alternate step by step, each round starting one
+setup later (the round's first step pays for the pages the last setup gave back: going first every
+time had cost our Muon ~2 s, 0.79x torch's where 0.61-0.66x was measured before; so it goes first at
+most once and the median drops it); across processes, the slowest rank's time with a barrier around
+each step. Measured as a user of `optim` alone would run
 it: without train.py's allocator setting (trainer/host_memory.py), which the training loop adds.
 
     python benchmarks/matrix_step.py [--repeats 3]        # writes benchmarks/matrix_step.md
@@ -79,9 +83,11 @@ def one_process(repeats: int, bf16: bool) -> dict[str, float]:
         for p, grad in zip(params, grads):
             p.grad = grad
         runs[name] = make(params)
-    times = {name: [] for name in setups}
-    for round_ in range(repeats + 1):  # alternating, so that drifts of the machine hit every setup alike
-        for name, optimizer in runs.items():
+    times, names = {name: [] for name in setups}, list(setups)
+    for round_ in range(repeats + 1):
+        # alternating, so that drifts of the machine hit every setup alike; each round one setup later
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            optimizer = runs[name]
             if name == "torch fp32":  # torch.optim.Muon's Newton–Schulz in fp32: its bf16 cast made a copy
                 torch.Tensor.bfloat16 = lambda self: self.clone()
             try:
