@@ -75,7 +75,7 @@ def sum_over_row_shards(values: torch.Tensor, like: list[torch.Tensor]) -> torch
         if not _sharded_on_rows(sharded) or len(sharded) < len(like):
             raise NotImplementedError("a mix of plain tensors and DTensors, or DTensors not sharded on rows over one "
                                       f"mesh dimension (placements {sharded[0].placements})")
-        dist.all_reduce(values, group=sharded[0].device_mesh.get_group(row_shard_dim(sharded[0])))
+        dist.all_reduce(values, group=shard_group(sharded[0])[0])
     return values
 
 
@@ -89,16 +89,15 @@ def gather_row_shards(pieces: list[torch.Tensor], like: list[torch.Tensor]) -> l
     as the row-sharded DTensor `like[j]` is (same number of rows; any columns): one all-gather for all of
     them, each rank's rows as one flat piece (padded to the longest), where DTensor.full_tensor() would
     make one per tensor."""
-    mesh, dim = like[0].device_mesh, row_shard_dim(like[0])
-    world, rank = mesh.size(dim), mesh.get_local_rank(dim)
+    group, world, rank = shard_group(like[0])
     rows = [shard_rows(ref.shape[0], world) for ref in like]
     row_numel = [math.prod(piece.shape[1:]) for piece in pieces]
     sizes = [[r[k] * n for r, n in zip(rows, row_numel)] for k in range(world)]  # sizes[k][j]: rank k's numbers of tensor j
     longest = max(sum(s) for s in sizes)
-    send = torch.zeros(longest, device=pieces[0].device, dtype=pieces[0].dtype)
+    send = torch.empty(longest, device=pieces[0].device, dtype=pieces[0].dtype)  # the padding is never read
     torch.cat([piece.reshape(-1) for piece in pieces], out=send[:sum(sizes[rank])])
     received = torch.empty(world * longest, device=send.device, dtype=send.dtype)
-    _all_gather(received, send, mesh.get_group(dim))
+    _all_gather(received, send, group)
     received = received.view(world, longest)
     from_rank = [received[k, :sum(sizes[k])].split(sizes[k]) for k in range(world)]
     return [torch.cat([from_rank[k][j].view(rows[j][k], *piece.shape[1:]) for k in range(world)])
@@ -107,10 +106,16 @@ def gather_row_shards(pieces: list[torch.Tensor], like: list[torch.Tensor]) -> l
 
 def own_rows(wholes: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
     """This rank's rows of each whole tensor (views), split by rows as the row-sharded DTensor `like[j]` is."""
-    mesh, dim = like[0].device_mesh, row_shard_dim(like[0])
-    world, rank = mesh.size(dim), mesh.get_local_rank(dim)
+    _, world, rank = shard_group(like[0])
     return [whole[sum(rows[:rank]):sum(rows[:rank + 1])]
             for whole, rows in zip(wholes, (shard_rows(ref.shape[0], world) for ref in like))]
+
+
+def shard_group(t: torch.Tensor):
+    """(process group, its size, this rank's index in it) of the mesh dimension a row-sharded DTensor's rows
+    are sharded over."""
+    mesh, dim = t.device_mesh, row_shard_dim(t)
+    return mesh.get_group(dim), mesh.size(dim), mesh.get_local_rank(dim)
 
 
 def _all_gather(output: torch.Tensor, input_: torch.Tensor, group) -> None:
@@ -253,8 +258,7 @@ def _on_owners_sharded(compute: Compute, inputs, outputs_like, payload_dtype) ->
     """Row shards to their owners and back, within the mesh dimension the rows are sharded over (under
     HSDP each replica group does the same work on the same values)."""
     first = inputs[0][0]
-    mesh, dim = first.device_mesh, row_shard_dim(first)
-    group, world, rank = mesh.get_group(dim), mesh.size(dim), mesh.get_local_rank(dim)
+    mesh, (group, world, rank) = first.device_mesh, shard_group(first)
     plan = owner_plan(tuple(tuple(tuple(t.shape) for t in field) for field in inputs), world)
     locals_ = [[t.to_local() for t in field] for field in inputs]
     device, dtype = locals_[0][0].device, payload_dtype or first.dtype

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from optim.distributed import DTensor, row_shard_dim, shard_rows
+from optim.distributed import DTensor, own_rows, row_shard_dim
 
 
 class QKClip:
@@ -85,13 +85,7 @@ def clip_factors(maxima: torch.Tensor, threshold: float) -> torch.Tensor:
 def scale_rows_(param: torch.Tensor, factors: torch.Tensor) -> None:
     """param[i] *= factors[i] along dim 0, in place; an FSDP2 (or HSDP) row shard scales its own rows."""
     if isinstance(param, DTensor):
-        mesh, dim = param.device_mesh, row_shard_dim(param)
-        if dim is None:
+        if row_shard_dim(param) is None:
             raise NotImplementedError(f"QK-clip scales rows of FSDP2/HSDP row shards; got placements {param.placements}")
-        rank, world = mesh.get_local_rank(dim), mesh.size(dim)
-        rows = shard_rows(param.shape[0], world)
-        start = sum(rows[:rank])
-        local = param.to_local()
-        factors = factors[start:start + rows[rank]]
-        param = local
+        factors, param = own_rows([factors], [param])[0], param.to_local()
     param.mul_(factors.view(-1, *([1] * (param.ndim - 1))))
