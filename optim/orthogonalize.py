@@ -10,7 +10,7 @@ singular vectors stay. Tall inputs are transposed so that A is min(m, n)². Lead
 batch: a stack of same-shaped matrices is orthogonalized in one call, each with its own norm.
 Rectangular matrices (l ≥ 2s) in float32/float64 run the same iteration in the s × s Gram space
 (`gram_newton_schulz`), a quarter to a third fewer FLOPs. On a CPU the products known to be symmetric
-(A, A², and in the Gram space P A P) skip the blocks they mirror (`symmetric_product`).
+(A, A², and in the Gram space P A P) skip the blocks they mirror in float32/float64 (`symmetric_product`).
 
 Coefficient sets (a list shorter than K repeats its last entry):
     "kj"             (3.4445, −4.7750, 2.0315)  Keller Jordan's quintic: steepest at 0, σ → ~[0.7, 1.2]
@@ -169,10 +169,13 @@ def symmetric_product(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     one symmetric matrix, which commute). On a CPU from n = SYMMETRIC_MIN_CPU: the upper-right block is
     multiplied, the lower-left is its transpose, and the two diagonal blocks, symmetric themselves, are
     products of the same kind; 768: two levels, 5/8 of the multiply-adds (measured, 2 threads: 0.65x
-    the time of a Gram matrix Y Yᵀ, 0.79x of A²; more levels' smaller matmuls lose). On a GPU, A @ B
-    (its two smaller matmuls are not measured yet)."""
+    the time of a Gram matrix Y Yᵀ, 0.79x of A²; more levels' smaller matmuls lose). Only in float32/
+    float64: a CPU's bf16 matmuls lose more to the smaller blocks than the blocks save (AVX-512 BF16,
+    768 x 3072: 1.5x the time of one bmm). On a GPU, A @ B (its two smaller matmuls are not measured
+    yet). Stacks go through torch.bmm: torch.matmul of a one-matrix bf16 stack against a transposed one
+    took 1.4x as long on a CPU."""
     if not _in_blocks(A):
-        return A @ B
+        return torch.bmm(A, B)
     h = A.shape[-2] // 2
     C = torch.empty(*A.shape[:-1], A.shape[-2], dtype=A.dtype, device=A.device)
     C[..., :h, :h] = symmetric_product(A[..., :h, :], B[..., :h])
@@ -183,7 +186,7 @@ def symmetric_product(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 def _in_blocks(A: torch.Tensor) -> bool:
-    return A.device.type == "cpu" and A.shape[-2] >= SYMMETRIC_MIN_CPU
+    return A.device.type == "cpu" and A.dtype in (torch.float32, torch.float64) and A.shape[-2] >= SYMMETRIC_MIN_CPU
 
 
 def symmetric_quadratic(A: torch.Tensor, b: float, c: float) -> torch.Tensor:

@@ -131,6 +131,25 @@ def test_symmetric_products_equal_the_whole_products_to_rounding(monkeypatch):
         assert (blocks - newton_schulz(M, dtype=torch.float32)).abs().max() < 1e-5
 
 
+def test_bfloat16_symmetric_products_on_a_cpu_are_one_batched_product():
+    """A CPU's bf16 matmuls lose more to smaller blocks than the blocks save (optim/orthogonalize.py,
+    symmetric_product), so in bf16 the product is one torch.bmm; float32 still multiplies three blocks."""
+    from optim import orthogonalize
+
+    def products(Y):
+        calls, real = [], {name: getattr(torch, name) for name in ("bmm", "matmul")}
+        with pytest.MonkeyPatch.context() as patch:
+            for name, f in real.items():
+                patch.setattr(torch, name, lambda *a, _f=f, _name=name, **k: calls.append(_name) or _f(*a, **k))
+            product = orthogonalize.symmetric_product(Y, Y.mT)
+        return product, sorted(calls)
+
+    Y = torch.randn(2, 300, 700, generator=torch.Generator().manual_seed(5))
+    product, calls = products(Y.bfloat16())
+    assert calls == ["bmm"] and torch.equal(product, torch.bmm(Y.bfloat16(), Y.bfloat16().mT))
+    assert products(Y)[1] == ["bmm", "bmm", "matmul"]  # two diagonal blocks (150 rows: whole) and the corner
+
+
 def test_norm_conventions_differ_only_by_eps():
     X = random_matrix(8, 8, seed=7)
     clamp = newton_schulz(X, dtype=torch.float64, norm="clamp")
