@@ -261,11 +261,14 @@ def _on_owners_sharded(compute: Compute, inputs, outputs_like, payload_dtype) ->
     mesh, (group, world, rank) = first.device_mesh, shard_group(first)
     plan = owner_plan(tuple(tuple(tuple(t.shape) for t in field) for field in inputs), world)
     locals_ = [[t.to_local() for t in field] for field in inputs]
+    if world == 1:  # one rank holds every row: the local tensors are the whole ones
+        outputs = _in_dtypes(compute(*locals_), locals_, outputs_like)
+        return [like_dtensors(out, inputs[like]) for out, like in zip(outputs, outputs_like)]
     device, dtype = locals_[0][0].device, payload_dtype or first.dtype
     fields, mine = range(len(inputs)), plan.owned[rank]
 
     # 1. to the owners: this rank's rows of every field of every matrix owned by o, in matrix order
-    send = [_flat([locals_[f][j] for j in plan.owned[o] for f in fields], device, dtype) for o in range(world)]
+    send = [[locals_[f][j] for j in plan.owned[o] for f in fields] for o in range(world)]
     received = _all_to_all(send, [plan.numel(fields, mine, r) for r in range(world)], group, device, dtype)
     wholes, offsets = [[] for _ in fields], [0] * world
     for j in mine:
@@ -280,8 +283,8 @@ def _on_owners_sharded(compute: Compute, inputs, outputs_like, payload_dtype) ->
     # 2. the owner computes; 3. back to every rank, its own rows of each output
     outputs = compute(*wholes)
     out_fields = range(len(outputs_like))
-    send = [_flat([outputs[k][i][plan.starts[outputs_like[k]][j][r]:][:plan.rows[outputs_like[k]][j][r]]
-                   for i, j in enumerate(mine) for k in out_fields], device, dtype) for r in range(world)]
+    send = [[outputs[k][i][plan.starts[outputs_like[k]][j][r]:][:plan.rows[outputs_like[k]][j][r]]
+             for i, j in enumerate(mine) for k in out_fields] for r in range(world)]
     sizes = [sum(plan.numel([outputs_like[k]], [j], rank) for j in plan.owned[o] for k in out_fields) for o in range(world)]
     received = _all_to_all(send, sizes, group, device, dtype)
     results, offsets = [[None] * len(inputs[0]) for _ in out_fields], [0] * world
@@ -296,14 +299,14 @@ def _on_owners_sharded(compute: Compute, inputs, outputs_like, payload_dtype) ->
     return results
 
 
-def _flat(tensors: list[torch.Tensor], device, dtype) -> torch.Tensor:
-    return torch.cat([t.reshape(-1).to(dtype) for t in tensors]) if tensors else torch.empty(0, device=device, dtype=dtype)
-
-
-def _all_to_all(send: list[torch.Tensor], receive_sizes: list[int], group, device, dtype) -> list[torch.Tensor]:
-    """One all_to_all_single of uneven flat pieces: send[r] goes to rank r; returns what each rank sent here."""
+def _all_to_all(send: list[list[torch.Tensor]], receive_sizes: list[int], group, device, dtype) -> list[torch.Tensor]:
+    """One all_to_all_single of uneven flat pieces: the tensors send[r] go to rank r, flattened in `dtype` into
+    one buffer (one copy); returns what each rank sent here."""
+    flat = [t.reshape(-1).to(dtype) for tensors in send for t in tensors]
     output = torch.empty(sum(receive_sizes), device=device, dtype=dtype)
-    dist.all_to_all_single(output, torch.cat(send), receive_sizes, [t.numel() for t in send], group=group)
+    send_sizes = [sum(t.numel() for t in tensors) for tensors in send]
+    dist.all_to_all_single(output, torch.cat(flat) if flat else torch.empty(0, device=device, dtype=dtype),
+                           receive_sizes, send_sizes, group=group)
     return list(output.split(receive_sizes))
 
 

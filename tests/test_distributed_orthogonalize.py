@@ -1,6 +1,6 @@
 """Orthogonalization divided among ranks (optim/distributed.py), in real gloo process groups of 2 and 3
-ranks: FSDP2-style row shards (uneven, and a matrix with fewer rows than ranks), HSDP (2 replicas of a
-2-way sharding, 4 ranks) and DDP-style replicas give the single-process result, and each rank orthogonalizes only the matrices it owns.
+ranks: FSDP2-style row shards (uneven, and a matrix with fewer rows than ranks; one rank holding every row),
+HSDP (2 replicas of a 2-way sharding, 4 ranks; of a 1-way one, 2 ranks) and DDP-style replicas give the single-process result, and each rank orthogonalizes only the matrices it owns.
 Dion's power iteration on row shards, likewise."""
 
 import os
@@ -61,7 +61,8 @@ def run_ranks(world, layout):
     return dict(results)
 
 
-@pytest.mark.parametrize("world,layout", [(2, "fsdp"), (3, "fsdp"), (2, "ddp"), (3, "ddp"), (4, "hsdp")])
+# (1, "fsdp") and (2, "hsdp"): a shard group of one rank, which holds whole matrices and exchanges nothing
+@pytest.mark.parametrize("world,layout", [(1, "fsdp"), (2, "fsdp"), (3, "fsdp"), (2, "ddp"), (3, "ddp"), (2, "hsdp"), (4, "hsdp")])
 def test_each_matrix_is_orthogonalized_once_and_every_rank_gets_the_single_process_result(world, layout):
     expected = Orthogonalizer(method="newton_schulz", dtype="float64").apply_all(matrices())
     results = run_ranks(world, layout)
