@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import configs
-from trainer.errors import USER_ERRORS
+from trainer.errors import USER_ERRORS, ConfigError
 from trainer.plan import run_dir_problem
 
 configs.register()  # the resolvers and python_defaults nodes the YAML tree uses
@@ -47,7 +47,7 @@ def refuse_a_file_as_run_dir(argv: list[str]) -> None:
     for arg in argv:
         key, _, value = arg.lstrip("+").partition("=")
         if key in ("run_dir", "hydra.run.dir") and (problem := run_dir_problem(value)):
-            print(f"error: invalid configuration:\n  - {problem}", file=sys.stderr, flush=True)
+            print(f"error: {ConfigError.of([problem])}", file=sys.stderr, flush=True)
             sys.exit(2)
 
 

@@ -166,10 +166,12 @@ def assign_owners(shapes: Sequence[Sequence[int]], world_size: int) -> list[int]
     return owners
 
 
-def shard_rows(n_rows: int, world_size: int) -> list[int]:
-    """Rows of each rank's Shard(0) piece of an n_rows-row tensor (torch.chunk's rule, as DTensor's)."""
+@functools.lru_cache(maxsize=1024)
+def shard_rows(n_rows: int, world_size: int) -> tuple[int, ...]:
+    """Rows of each rank's Shard(0) piece of an n_rows-row tensor (torch.chunk's rule, as DTensor's); cached,
+    as every step asks again for the same shapes."""
     chunk = -(-n_rows // world_size)
-    return [max(0, min(n_rows, (r + 1) * chunk) - r * chunk) for r in range(world_size)]
+    return tuple(max(0, min(n_rows, (r + 1) * chunk) - r * chunk) for r in range(world_size))
 
 
 Compute = Callable[..., Sequence[list[torch.Tensor]]]
@@ -248,7 +250,7 @@ class OwnerPlan:
 def owner_plan(shapes: tuple[tuple[tuple[int, ...], ...], ...], world: int) -> OwnerPlan:
     """shapes[f][j]: the shape of field f's tensor of matrix j; owners by field 0's Newton–Schulz cost."""
     owners = tuple(assign_owners(shapes[0], world))
-    rows = tuple(tuple(tuple(shard_rows(shape[0], world)) for shape in field) for field in shapes)
+    rows = tuple(tuple(shard_rows(shape[0], world) for shape in field) for field in shapes)
     starts = tuple(tuple(tuple(sum(r[:k]) for k in range(world)) for r in field) for field in rows)
     return OwnerPlan(owners=owners, owned=tuple(tuple(j for j, o in enumerate(owners) if o == r) for r in range(world)),
                      rows=rows, starts=starts, row_numel=tuple(tuple(math.prod(s[1:]) for s in field) for field in shapes))

@@ -84,7 +84,7 @@ def test_owners_balance_the_newton_schulz_cost():
         loads = [sum(newton_schulz_cost(s) for s, o in zip(shapes, owners) if o == r) for r in range(world)]
         assert max(loads) - min(loads) <= max(newton_schulz_cost(s) for s in shapes)
     assert newton_schulz_cost((3072, 768)) == 5 * 768**2 * (2 * 3072 + 768)
-    assert shard_rows(7, 3) == [3, 3, 1] and shard_rows(2, 3) == [1, 1, 0]
+    assert shard_rows(7, 3) == (3, 3, 1) and shard_rows(2, 3) == (1, 1, 0)
 
 
 def _payload_worker(rank, world, port, layout, results):

@@ -94,8 +94,8 @@ class RunPlan:
             counted = targets_after_steps(row_targets(train, self.seq_len, self.pad_id), self.seq_len, self.data_seed,
                                           self.seqs_per_step, self.nonpad_budget)
         except ValueError as e:
-            raise ConfigError(f"invalid configuration:\n  - {e} (budget.counts=nonpad; budget.counts=positions counts "
-                              f"every position, pads included)") from None
+            raise ConfigError.of([f"{e} (budget.counts=nonpad; budget.counts=positions counts every position, pads "
+                                  "included)"]) from None
         return replace(self, total_steps=len(counted) - 1, counted=counted)
 
     def lr_factor(self, step: int) -> float:
@@ -190,7 +190,7 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
     are not numbers first: the other checks compute with them)."""
     problems = number_problems(cfg) + hyperparameter_problems(cfg.optim)
     if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        raise ConfigError.of(problems)
     context = tokenizer = None
     try:
         tokenizer = tokenizer_of(cfg)
@@ -251,7 +251,7 @@ def make_plan(cfg: DictConfig, world_size: int) -> RunPlan:
     if cfg.grad_clip is not None and float(cfg.grad_clip) <= 0:
         problems.append(f"grad_clip={cfg.grad_clip} must be > 0 (or null for no clipping)")
     if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        raise ConfigError.of(problems)
     return RunPlan(
         seq_len=seq_len,
         micro_batch=micro,
