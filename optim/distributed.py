@@ -178,41 +178,45 @@ Compute = Callable[..., Sequence[list[torch.Tensor]]]
 
 
 def orthogonalize_distributed(orthogonalize: Orthogonalize, updates: list[torch.Tensor], replicated_over=None,
-                              payload_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+                              payload_dtype: torch.dtype | None = None, cast_back: bool = True) -> list[torch.Tensor]:
     """`orthogonalize` (a list-in, list-out batched orthogonalizer) applied to `updates`, each matrix on
-    its owner rank; results in the updates' dtypes and layouts. ``replicated_over``: the process group
-    (or ``dist.group.WORLD``) over which plain tensors are identical replicas (DDP), else None.
-    ``payload_dtype``: the dtype matrices travel in, both ways: the orthogonalizer's compute dtype
+    its owner rank; results in the updates' layouts, and dtypes unless not `cast_back`. ``replicated_over``:
+    the process group (or ``dist.group.WORLD``) over which plain tensors are identical replicas (DDP), else
+    None. ``payload_dtype``: the dtype matrices travel in, both ways: the orthogonalizer's compute dtype
     (bf16 Newton–Schulz: half the bytes of fp32, and the same bits, as it casts its input first and
     its output is in that dtype)."""
     return on_owners(lambda wholes: (orthogonalize(wholes),), [updates], outputs_like=(0,), replicated_over=replicated_over,
-                     payload_dtype=payload_dtype)[0]
+                     payload_dtype=payload_dtype, cast_back=cast_back)[0]
 
 
 def on_owners(compute: Compute, inputs: list[list[torch.Tensor]], outputs_like: Sequence[int], replicated_over=None,
-              payload_dtype: torch.dtype | None = None) -> list[list[torch.Tensor]]:
+              payload_dtype: torch.dtype | None = None, cast_back: bool = True) -> list[list[torch.Tensor]]:
     """Per-matrix work that needs whole matrices, each matrix on one owner rank.
 
     `inputs` are fields, each a list with one tensor per matrix (e.g. [momenta, Qs]); `compute` gets,
     for each field, the whole tensors of the matrices this rank owns, and returns output fields, lists
     aligned with them. Output field k has the shapes and layout of input field `outputs_like[k]` and
-    comes back in its dtypes. FSDP2/HSDP row shards go to their owners in one all-to-all and the
-    outputs' rows come back in another; DDP replicas (``replicated_over``) are computed by their owners
-    and broadcast; otherwise everything is computed here. Tensors travel in `payload_dtype` (default:
-    the first input's)."""
+    comes back in its dtypes (with ``cast_back=False``: in the dtype it was computed in, or travelled in).
+    FSDP2/HSDP row shards go to their owners in one all-to-all and the outputs' rows come back in another;
+    DDP replicas (``replicated_over``) are computed by their owners and broadcast; otherwise everything is
+    computed here. Tensors travel in `payload_dtype` (default: the first input's)."""
     everything = [t for field in inputs for t in field]
     if row_sharded(everything):
-        return _on_owners_sharded(compute, inputs, outputs_like, payload_dtype)
+        return _on_owners_sharded(compute, inputs, outputs_like, payload_dtype, cast_back)
     if any(isinstance(t, DTensor) for t in everything):  # other layouts: gather, compute here
-        outputs = _in_dtypes(compute(*[gather_whole(field) for field in inputs]), inputs, outputs_like)
+        outputs = _in_dtypes(compute(*[gather_whole(field) for field in inputs]), inputs, outputs_like, cast_back)
         return [shard_like(out, inputs[like]) for out, like in zip(outputs, outputs_like)]
     if everything and replicated_over is not None and dist.is_initialized() and dist.get_world_size(replicated_over) > 1:
-        return _on_owners_replicated(compute, inputs, outputs_like, replicated_over, payload_dtype)
-    return _in_dtypes(compute(*inputs), inputs, outputs_like)
+        return _on_owners_replicated(compute, inputs, outputs_like, replicated_over, payload_dtype, cast_back)
+    return _in_dtypes(compute(*inputs), inputs, outputs_like, cast_back)
 
 
-def _in_dtypes(outputs, inputs, outputs_like) -> list[list[torch.Tensor]]:
-    return [[o.to(t.dtype) for o, t in zip(out, inputs[like])] for out, like in zip(outputs, outputs_like)]
+def _in_dtypes(outputs, inputs, outputs_like, cast_back: bool = True) -> list[list[torch.Tensor]]:
+    return [[_cast(o, t.dtype, cast_back) for o, t in zip(out, inputs[like])] for out, like in zip(outputs, outputs_like)]
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype, cast_back: bool) -> torch.Tensor:
+    return t.to(dtype) if cast_back else t
 
 
 def row_shard_dim(t: torch.Tensor) -> int | None:
@@ -256,7 +260,7 @@ def owner_plan(shapes: tuple[tuple[tuple[int, ...], ...], ...], world: int) -> O
                      rows=rows, starts=starts, row_numel=tuple(tuple(math.prod(s[1:]) for s in field) for field in shapes))
 
 
-def _on_owners_sharded(compute: Compute, inputs, outputs_like, payload_dtype) -> list[list[torch.Tensor]]:
+def _on_owners_sharded(compute: Compute, inputs, outputs_like, payload_dtype, cast_back) -> list[list[torch.Tensor]]:
     """Row shards to their owners and back, within the mesh dimension the rows are sharded over (under
     HSDP each replica group does the same work on the same values)."""
     first = inputs[0][0]
@@ -264,7 +268,7 @@ def _on_owners_sharded(compute: Compute, inputs, outputs_like, payload_dtype) ->
     plan = owner_plan(tuple(tuple(tuple(t.shape) for t in field) for field in inputs), world)
     locals_ = [[t.to_local() for t in field] for field in inputs]
     if world == 1:  # one rank holds every row: the local tensors are the whole ones
-        outputs = _in_dtypes(compute(*locals_), locals_, outputs_like)
+        outputs = _in_dtypes(compute(*locals_), locals_, outputs_like, cast_back)
         return [like_dtensors(out, inputs[like]) for out, like in zip(outputs, outputs_like)]
     device, dtype = locals_[0][0].device, payload_dtype or first.dtype
     fields, mine = range(len(inputs)), plan.owned[rank]
@@ -296,7 +300,7 @@ def _on_owners_sharded(compute: Compute, inputs, outputs_like, payload_dtype) ->
             size = plan.rows[outputs_like[k]][j][rank] * plan.row_numel[outputs_like[k]][j]
             local = received[o][offsets[o]:offsets[o] + size].view(plan.rows[outputs_like[k]][j][rank], *ref.shape[1:])
             offsets[o] += size
-            results[k][j] = DTensor.from_local(local.to(ref.dtype), mesh, ref.placements, run_check=False, shape=ref.shape,
+            results[k][j] = DTensor.from_local(_cast(local, ref.dtype, cast_back), mesh, ref.placements, run_check=False, shape=ref.shape,
                                                stride=ref.stride())
     return results
 
@@ -312,7 +316,7 @@ def _all_to_all(send: list[list[torch.Tensor]], receive_sizes: list[int], group,
     return list(output.split(receive_sizes))
 
 
-def _on_owners_replicated(compute: Compute, inputs, outputs_like, group, payload_dtype) -> list[list[torch.Tensor]]:
+def _on_owners_replicated(compute: Compute, inputs, outputs_like, group, payload_dtype, cast_back) -> list[list[torch.Tensor]]:
     """Replicas (DDP): each owner computes its matrices, then broadcasts all their outputs as one flat
     buffer (gloo's all_gather was 6x slower than broadcasts of the same bytes on CPU; on NCCL the two
     move the same volume)."""
@@ -336,8 +340,8 @@ def _on_owners_replicated(compute: Compute, inputs, outputs_like, group, payload
         for k in out_fields:
             ref = inputs[outputs_like[k]][j]
             if o == rank:
-                results[k][j] = outputs[k][mine.index(j)].to(ref.dtype)
+                results[k][j] = _cast(outputs[k][mine.index(j)], ref.dtype, cast_back)
             else:
-                results[k][j] = flat[o][offsets[o]:offsets[o] + ref.numel()].view_as(ref).to(ref.dtype)
+                results[k][j] = _cast(flat[o][offsets[o]:offsets[o] + ref.numel()].view_as(ref), ref.dtype, cast_back)
             offsets[o] += ref.numel()
     return results

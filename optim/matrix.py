@@ -118,7 +118,8 @@ class MatrixOptimizer(Optimizer):
         step = Step(group=group, params=params, grads=grads, states=states, counts=self._advance_counts(params),
                     replicated_over=self.replicated_over)
         updates = grads
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
+            step.last = i == len(self.stages) - 1
             updates = stage(updates, step)
         return updates, self.scale(updates, step)
 

@@ -142,3 +142,27 @@ def test_orthogonalize_returns_the_polar_factor_in_the_input_dtype():
     out = Orthogonalize()([X.float()], step_of([X], [{}], 1))
     assert out[0].dtype == torch.float32
     assert torch.allclose(out[0].double(), polar_svd(X.float()), atol=1e-6)
+
+
+def test_a_last_bf16_orthogonalize_hands_the_tail_bf16_and_the_step_keeps_its_bits():
+    """As the last stage, Orthogonalize returns bf16 Newton–Schulz's result as it is (no fp32 copy); as an
+    earlier one (PrePolar: then momentum) in the input's dtype. The update tail adds the bf16 direction with
+    the same bits as its fp32 copy."""
+    from optim import Muon
+    from optim.orthogonalize import newton_schulz
+    from optim.stages import update_scale
+
+    X = gradients(16, shape=(24, 40), n=1)[0].float()
+    bf16 = {"orthogonalizer": Orthogonalizer(dtype="bfloat16").settings()}
+    assert Orthogonalize()([X], step_of([X], [{}], 1, **bf16))[0].dtype == torch.float32
+    step = step_of([X], [{}], 1, **bf16)
+    step.last = True
+    assert Orthogonalize()([X], step)[0].dtype == torch.bfloat16
+
+    W = torch.nn.Parameter(gradients(17, shape=(24, 40), n=1)[0].float())
+    direction = newton_schulz(X, 5, "kj", torch.bfloat16).float()
+    expected = (W.detach() * (1 - 0.02 * 0.1)).add_(direction, alpha=-0.02 * update_scale((24, 40), "match_rms_adamw"))
+    W.grad = X.clone()
+    optimizer = Muon([W], lr=0.02, weight_decay=0.1, momentum=0.0, nesterov=False, orthogonalizer={"dtype": "bfloat16"})
+    optimizer.step()
+    assert torch.equal(W.detach(), expected)
