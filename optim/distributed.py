@@ -211,7 +211,7 @@ def on_owners(compute: Compute, inputs: list[list[torch.Tensor]], outputs_like: 
     return _in_dtypes(compute(*inputs), inputs, outputs_like, cast_back)
 
 
-def _in_dtypes(outputs, inputs, outputs_like, cast_back: bool = True) -> list[list[torch.Tensor]]:
+def _in_dtypes(outputs, inputs, outputs_like, cast_back: bool) -> list[list[torch.Tensor]]:
     return [[_cast(o, t.dtype, cast_back) for o, t in zip(out, inputs[like])] for out, like in zip(outputs, outputs_like)]
 
 
@@ -265,11 +265,11 @@ def _on_owners_sharded(compute: Compute, inputs, outputs_like, payload_dtype, ca
     HSDP each replica group does the same work on the same values)."""
     first = inputs[0][0]
     mesh, (group, world, rank) = first.device_mesh, shard_group(first)
-    plan = owner_plan(tuple(tuple(tuple(t.shape) for t in field) for field in inputs), world)
     locals_ = [[t.to_local() for t in field] for field in inputs]
     if world == 1:  # one rank holds every row: the local tensors are the whole ones
         outputs = _in_dtypes(compute(*locals_), locals_, outputs_like, cast_back)
         return [like_dtensors(out, inputs[like]) for out, like in zip(outputs, outputs_like)]
+    plan = owner_plan(tuple(tuple(tuple(t.shape) for t in field) for field in inputs), world)
     device, dtype = locals_[0][0].device, payload_dtype or first.dtype
     fields, mine = range(len(inputs)), plan.owned[rank]
 

@@ -359,9 +359,10 @@ class Sign(Stage):
 
 @dataclass(frozen=True)
 class Orthogonalize(Stage):
-    """X → NS_K(X) or polar(X), configured by the group's ``orthogonalizer`` settings; the
-    result is returned in X's dtype, or as the last stage in the one it was computed in (bf16 Newton–Schulz's
-    result goes to the update tail without an fp32 copy, which cost ~10 % of a bf16 step on a CPU). A group with ``head_split = (h, 0)`` orthogonalizes each of the
+    """X → NS_K(X) or polar(X), configured by the group's ``orthogonalizer`` settings; the result is
+    returned in X's dtype, or, as the last stage, in the one it was computed in (bf16 Newton–Schulz's
+    result goes to the update tail without an fp32 copy, which cost ~10 % of a bf16 step on a CPU). A
+    group with ``head_split = (h, 0)`` orthogonalizes each of the
     h row blocks of its matrices on its own (the heads of a q, k, v or fused qkv projection), with
     ``(h, 1)`` each of h column blocks (an attention output projection's heads). Under FSDP2 (and
     DDP, when the optimizer's ``split_orthogonalization()`` was called) each matrix is orthogonalized
