@@ -406,10 +406,9 @@ class LowRankOrthogonalize(Stage):
 
     μ = group["momentum"], ε = group["eps"], r = ceil(rank_fraction · min(m, n)). Q starts as a
     standard normal matrix from a generator seeded with the matrix's position in its group, so that
-    every DDP replica starts alike. Same-shaped matrices iterate as one batch. Under FSDP2/HSDP each rank
-    works on its own rows and only rank-r factors travel (`power_iteration_on_row_shards`); DDP replicas
-    divide the matrices among owner ranks, which broadcast their results (optim/distributed.py,
-    ``on_owners``). State: ``dion/momentum``, ``dion/q`` (under FSDP2 both sharded by rows)."""
+    every DDP replica starts alike. M and Q are updated in place (`power_iteration`). Under FSDP2/HSDP
+    each rank works on its own rows and only rank-r factors travel; DDP replicas divide the matrices
+    among owner ranks, which broadcast their results (optim/distributed.py, ``on_owners``). State: ``dion/momentum``, ``dion/q`` (under FSDP2 both sharded by rows)."""
 
     rank_fraction: float = 1.0
     namespace: str = "dion"
@@ -424,11 +423,12 @@ class LowRankOrthogonalize(Stage):
         torch._foreach_add_(buffers, updates)
         starts = self._starting_q(step, buffers)
         if row_sharded(buffers):
-            return power_iteration_on_row_shards(buffers, starts, mu, eps)
-        iterate = lambda Ms, Qs: power_iteration(Ms, Qs, mu, eps)  # noqa: E731
+            return power_iteration(buffers, starts, mu, eps)
+        # on the owners: D, and M and Q as power_iteration left them (updated in place)
+        iterate = lambda Ms, Qs: (power_iteration(Ms, Qs, mu, eps), Ms, Qs)  # noqa: E731
         directions, momenta, qs = on_owners(iterate, [buffers, starts], outputs_like=(0, 0, 1),
                                             replicated_over=step.replicated_over)
-        torch._foreach_copy_(local_tensors(buffers), local_tensors(momenta))
+        torch._foreach_copy_(local_tensors(buffers), local_tensors(momenta))  # (a tensor's copy onto itself is skipped)
         torch._foreach_copy_(local_tensors(starts), local_tensors(qs))
         return directions
 
@@ -445,47 +445,40 @@ class LowRankOrthogonalize(Stage):
         return [state[key] for state in step.states]
 
 
-def power_iteration(momenta: list[Tensor], starts: list[Tensor], mu: float, eps: float):
-    """Dion's step on whole matrices, same-shaped ones as one batch: (P Qᵀ, the new M, the new Q) for each."""
-    directions, new_momenta, new_qs = [None] * len(momenta), [None] * len(momenta), [None] * len(momenta)
-    for indices in same_shapes(momenta):  # (Q's shape follows M's)
-        M, Q = torch.stack([momenta[i] for i in indices]), torch.stack([starts[i] for i in indices])
-        P, _ = torch.linalg.qr(M @ Q)
-        R = M.mT @ P
-        M = M - (1.0 - mu) * (P @ R.mT)
-        Q = R / (R.norm(dim=-2, keepdim=True) + eps)
-        D = P @ Q.mT
-        for b, i in enumerate(indices):
-            directions[i], new_momenta[i], new_qs[i] = D[b], M[b], Q[b]
-    return directions, new_momenta, new_qs
-
-
-def power_iteration_on_row_shards(momenta: list[Tensor], starts: list[Tensor], mu: float, eps: float) -> list[Tensor]:
-    """Dion's step on FSDP2/HSDP row shards (DTensors), each of the k ranks on its own rows i of every M; M
-    and Q are updated in place, and the directions D come back sharded like M:
+def power_iteration(momenta: list[Tensor], starts: list[Tensor], mu: float, eps: float) -> list[Tensor]:
+    """Dion's step, M and Q updated in place; returns the directions D, in M's layout. On whole
+    matrices, or on FSDP2/HSDP row shards (DTensors), each of the k ranks on its own rows i of every M:
 
         Q = [Q_1; …; Q_k]                           whole on every rank         one all-gather (n × r each)
         P = QR([M_1 Q; …; M_k Q])                   the same QR on every rank   one all-gather (m × r each)
         R = Σ_i M_iᵀ P_i                            P_i: P's rows i             one all-reduce (n × r each)
         M_i ← M_i − (1 − μ) P_i Rᵀ,   Q_i ← (R ⊘ (‖R_{:,j}‖ + ε))_i,   D_i = P_i Qᵀ
 
-    Three collectives a step for the whole group, of rank-r factors only (about r/n of the bytes that
-    sending whole matrices to owners moves); each rank does 1/k of the products with M, and only the QR
-    (m r² each, same-shaped matrices as one batch) is repeated. Equal to `power_iteration` up to the
-    order of R's sum."""
+    Sharded: three collectives a step for the whole group, of rank-r factors only (about r/n of the
+    bytes that sending whole matrices to owners moves); each rank does 1/k of the products with M, and
+    only the QR (m r² each) is repeated. Equal to the whole-matrix step up to the order of R's sum.
+    The QRs of same-shaped matrices run as one batch (small and latency-bound: one solver call where
+    there would be one per matrix); the products with M run per matrix, which keeps M's update in place
+    (a stack of M would be a copy of every momentum, and its update two more, each step: on a CPU,
+    stacks past glibc's 32 MB mmap limit take fresh pages every time, 1.4 s of a 4.5 s step)."""
+    sharded = row_sharded(momenta)
+    gather = gather_row_shards if sharded else (lambda pieces, like: pieces)
+    mine = own_rows if sharded else (lambda wholes, like: wholes)
     M_rows, Q_rows = local_tensors(momenta), local_tensors(starts)
-    Qs = gather_row_shards(Q_rows, starts)
-    Ps = gather_row_shards([M @ Q for M, Q in zip(M_rows, Qs)], momenta)
+    Qs = gather(Q_rows, starts)
+    Ps = gather([M @ Q for M, Q in zip(M_rows, Qs)], momenta)
     for indices in same_shapes(Ps):
         for i, P in zip(indices, torch.linalg.qr(torch.stack([Ps[i] for i in indices]))[0]):
             Ps[i] = P
-    P_rows = own_rows(Ps, momenta)
-    Rs = sum_over_row_shards(torch.cat([(M.mT @ P).reshape(-1) for M, P in zip(M_rows, P_rows)]), momenta)
-    Rs = [R.view_as(Q) for R, Q in zip(Rs.split([Q.numel() for Q in Qs]), Qs)]
+    P_rows = mine(Ps, momenta)
+    Rs = [M.mT @ P for M, P in zip(M_rows, P_rows)]
+    if sharded:
+        summed = sum_over_row_shards(torch.cat([R.reshape(-1) for R in Rs]), momenta)
+        Rs = [R.view_as(Q) for R, Q in zip(summed.split([Q.numel() for Q in Qs]), Qs)]
     for M, P, R in zip(M_rows, P_rows, Rs):
         M.addmm_(P, R.mT, alpha=-(1.0 - mu))
     Qs = [R / (R.norm(dim=-2, keepdim=True) + eps) for R in Rs]
-    torch._foreach_copy_(Q_rows, own_rows(Qs, starts))
+    torch._foreach_copy_(Q_rows, mine(Qs, starts))
     return like_dtensors([P @ Q.mT for P, Q in zip(P_rows, Qs)], momenta)
 
 
