@@ -1,6 +1,6 @@
 """Orthogonalization divided among ranks (optim/distributed.py), in real gloo process groups of 2 and 3
 ranks: FSDP2-style row shards (uneven, and a matrix with fewer rows than ranks; one rank holding every row),
-HSDP (2 replicas of a 2-way sharding, 4 ranks; of a 1-way one, 2 ranks) and DDP-style replicas give the single-process result, and each rank orthogonalizes only the matrices it owns.
+HSDP (2 replicas of a 2-way sharding, 4 ranks; of a 1-way one, 2 ranks) and DDP-style replicas (one broadcast bucket per owner, and several) give the single-process result, and each rank orthogonalizes only the matrices it owns.
 Dion's power iteration on row shards, likewise."""
 
 import os
@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from optim import distributed
 from optim.distributed import assign_owners, newton_schulz_cost, orthogonalize_distributed, shard_rows
 from optim.orthogonalize import Orthogonalizer
 
@@ -49,6 +50,8 @@ def _worker(rank, world, port, layout, results):
             assert all(o.to_local().shape[0] == shard_rows(s[0], shards)[rank % shards] for o, s in
                        zip(orthogonalize_distributed(orthogonalizer.apply_all, updates), SHAPES))
         else:
+            if layout == "ddp_buckets":  # broadcast buckets of 40 float64 numbers: several per owner, some outputs alone
+                distributed.BROADCAST_BUCKET_BYTES = 40 * 8
             out = orthogonalize_distributed(count, whole, replicated_over=dist.group.WORLD)
         results[rank] = ([o.clone() for o in out], seen)
     finally:
@@ -62,7 +65,8 @@ def run_ranks(world, layout):
 
 
 # (1, "fsdp") and (2, "hsdp"): a shard group of one rank, which holds whole matrices and exchanges nothing
-@pytest.mark.parametrize("world,layout", [(1, "fsdp"), (2, "fsdp"), (3, "fsdp"), (2, "ddp"), (3, "ddp"), (2, "hsdp"), (4, "hsdp")])
+@pytest.mark.parametrize("world,layout", [(1, "fsdp"), (2, "fsdp"), (3, "fsdp"), (2, "ddp"), (3, "ddp"), (3, "ddp_buckets"),
+                                          (2, "hsdp"), (4, "hsdp")])
 def test_each_matrix_is_orthogonalized_once_and_every_rank_gets_the_single_process_result(world, layout):
     expected = Orthogonalizer(method="newton_schulz", dtype="float64").apply_all(matrices())
     results = run_ranks(world, layout)
@@ -75,6 +79,19 @@ def test_each_matrix_is_orthogonalized_once_and_every_rank_gets_the_single_proce
         mine = [SHAPES[j] for j in range(len(SHAPES)) if owners[j] == rank % group]
         assert seen[:len(mine)] == mine
     assert sum(owners.count(r) for r in range(group)) == len(SHAPES)
+
+
+def test_ddp_broadcast_buckets_hold_one_owners_outputs_in_order_up_to_the_limit():
+    from optim.distributed import _buckets, owner_plan
+
+    plan = owner_plan((tuple(SHAPES), tuple(SHAPES)), 2)
+    assert plan.owned == ((4,), (0, 1, 2, 3))
+    numel = [[35, 35], [35, 35], [48, 48], [12, 12], [81, 81]]  # two outputs of each matrix
+    assert _buckets(plan, numel, 60) == [
+        (0, [(4, 0)]), (0, [(4, 1)]),  # 81 > 60: each alone
+        (1, [(0, 0)]), (1, [(0, 1)]), (1, [(1, 0)]), (1, [(1, 1)]), (1, [(2, 0)]),
+        (1, [(2, 1), (3, 0)]), (1, [(3, 1)])]  # 48 + 12 fit together; 35 + 35 do not
+    assert len(_buckets(plan, numel, 10**6)) == 2  # one per owner when everything fits
 
 
 def test_owners_balance_the_newton_schulz_cost():
