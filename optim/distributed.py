@@ -18,11 +18,12 @@ assignment from the shapes alone. An owner orthogonalizes its matrices in same-s
     one process, or nothing opted in       every matrix here, as before.
 
 `on_owners` is the general form: any per-matrix work that needs whole tensors (Dion's power
-iteration on DDP replicas takes M and its Q, and returns D, the new M and the new Q), in one exchange
-each way; the owner plan (owners, rows, offsets) is computed once per shape signature. Work that
-splits by rows needs no owners: `gather_row_shards` collects small per-row factors from every rank in
-one all-gather (Dion under FSDP2, optim/stages.py). Orthogonalization sends
-its matrices in the Newton–Schulz dtype (bf16 on a GPU: half the bytes, the same bits).
+iteration on DDP replicas takes M and its Q, and returns D, the new M and the new Q; under FSDP2 only
+its QRs of M Q need owners), in one exchange each way (DDP: broadcasts in buckets); the owner plan
+(owners, rows, offsets) is computed once per shape signature. Work that splits by rows needs no owners:
+`gather_row_shards` collects small per-row factors from every rank in one all-gather (Dion's Q under
+FSDP2, optim/stages.py). Orthogonalization sends its matrices in the Newton–Schulz dtype (bf16 on a
+GPU: half the bytes, the same bits).
 
 Element-wise stages (momentum, second moments, NSR/VS) work on the shards as they are; whole-matrix
 norms and means come from the shards' with one all-reduce for a whole group (`whole_norms`,
@@ -65,6 +66,13 @@ def like_dtensors(locals_: list[torch.Tensor], like: list[torch.Tensor]) -> list
     """Local results wrapped as DTensors of the same global shape and layout as `like`'s (plain ones as they are)."""
     return [DTensor.from_local(t, ref.device_mesh, ref.placements, run_check=False, shape=ref.shape, stride=ref.stride())
             if isinstance(ref, DTensor) else t for t, ref in zip(locals_, like)]
+
+
+def rows_like(pieces: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's row pieces (plain tensors of any columns) as DTensors sharded by rows as the row-sharded
+    `like[j]` is: (rows of like[j], the piece's columns) in all."""
+    return [DTensor.from_local(t, ref.device_mesh, ref.placements, run_check=False, shape=(ref.shape[0], *t.shape[1:]),
+                               stride=(math.prod(t.shape[1:]), *t.stride()[1:])) for t, ref in zip(pieces, like)]
 
 
 def sum_over_row_shards(values: torch.Tensor, like: list[torch.Tensor]) -> torch.Tensor:

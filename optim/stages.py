@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from optim.distributed import (DTensor, Replicate, distribute_tensor, gather_row_shards, like_dtensors, local_tensors,
-                               on_owners, orthogonalize_distributed, own_rows, row_sharded, shard_like,
+                               on_owners, orthogonalize_distributed, own_rows, row_sharded, rows_like, shard_like,
                                sum_over_row_shards, whole_norms)
 from optim.orthogonalize import Orthogonalizer
 
@@ -408,7 +408,8 @@ class LowRankOrthogonalize(Stage):
     standard normal matrix from a generator seeded with the matrix's position in its group, so that
     every DDP replica starts alike. M and Q are updated in place (`power_iteration`). Under FSDP2/HSDP
     each rank works on its own rows and only rank-r factors travel; DDP replicas divide the matrices
-    among owner ranks, which broadcast their results (optim/distributed.py, ``on_owners``). State: ``dion/momentum``, ``dion/q`` (under FSDP2 both sharded by rows)."""
+    among owner ranks, which broadcast their results (optim/distributed.py, ``on_owners``). State:
+    ``dion/momentum``, ``dion/q`` (under FSDP2 both sharded by rows)."""
 
     rank_fraction: float = 1.0
     namespace: str = "dion"
@@ -450,27 +451,25 @@ def power_iteration(momenta: list[Tensor], starts: list[Tensor], mu: float, eps:
     matrices, or on FSDP2/HSDP row shards (DTensors), each of the k ranks on its own rows i of every M:
 
         Q = [Q_1; …; Q_k]                           whole on every rank         one all-gather (n × r each)
-        P = QR([M_1 Q; …; M_k Q])                   the same QR on every rank   one all-gather (m × r each)
+        P = QR([M_1 Q; …; M_k Q])                   on the matrix's owner       one all-to-all each way (m × r)
         R = Σ_i M_iᵀ P_i                            P_i: P's rows i             one all-reduce (n × r each)
         M_i ← M_i − (1 − μ) P_i Rᵀ,   Q_i ← (R ⊘ (‖R_{:,j}‖ + ε))_i,   D_i = P_i Qᵀ
 
-    Sharded: three collectives a step for the whole group, of rank-r factors only (about r/n of the
-    bytes that sending whole matrices to owners moves); each rank does 1/k of the products with M, and
-    only the QR (m r² each) is repeated. Equal to the whole-matrix step up to the order of R's sum.
-    The QRs of same-shaped matrices run as one batch (small and latency-bound: one solver call where
-    there would be one per matrix); the products with M run per matrix, which keeps M's update in place
-    (a stack of M would be a copy of every momentum, and its update two more, each step: on a CPU,
-    stacks past glibc's 32 MB mmap limit take fresh pages every time, 1.4 s of a 4.5 s step)."""
+    Sharded: four collectives a step for the whole group, of rank-r factors only (about r/n of the
+    bytes that sending whole matrices to owners moves); each rank does 1/k of the products with M and
+    the QRs of the matrices it owns (optim/distributed.py's owners: the QRs had been repeated on every
+    rank, 0.44 s of a 2.6 s one-thread step). Equal to the whole-matrix step up to the order of R's sum.
+    The products with M run per matrix, which keeps M's update in place (a stack of M would be a copy
+    of every momentum, and its update two more, each step: on a CPU, stacks past glibc's 32 MB mmap
+    limit take fresh pages every time, 1.4 s of a 4.5 s step)."""
     sharded = row_sharded(momenta)
-    gather = gather_row_shards if sharded else (lambda pieces, like: pieces)
-    mine = own_rows if sharded else (lambda wholes, like: wholes)
     M_rows, Q_rows = local_tensors(momenta), local_tensors(starts)
-    Qs = gather(Q_rows, starts)
-    Ps = gather([M @ Q for M, Q in zip(M_rows, Qs)], momenta)
-    for indices in same_shapes(Ps):
-        for i, P in zip(indices, torch.linalg.qr(torch.stack([Ps[i] for i in indices]))[0]):
-            Ps[i] = P
-    P_rows = mine(Ps, momenta)
+    Qs = gather_row_shards(Q_rows, starts) if sharded else Q_rows
+    MQ = [M @ Q for M, Q in zip(M_rows, Qs)]
+    if sharded:
+        P_rows = local_tensors(on_owners(lambda Ps: (orthonormal_bases(Ps),), [rows_like(MQ, momenta)], outputs_like=(0,))[0])
+    else:
+        P_rows = orthonormal_bases(MQ)
     Rs = [M.mT @ P for M, P in zip(M_rows, P_rows)]
     if sharded:
         summed = sum_over_row_shards(torch.cat([R.reshape(-1) for R in Rs]), momenta)
@@ -478,8 +477,18 @@ def power_iteration(momenta: list[Tensor], starts: list[Tensor], mu: float, eps:
     for M, P, R in zip(M_rows, P_rows, Rs):
         M.addmm_(P, R.mT, alpha=-(1.0 - mu))
     Qs = [R / (R.norm(dim=-2, keepdim=True) + eps) for R in Rs]
-    torch._foreach_copy_(Q_rows, mine(Qs, starts))
+    torch._foreach_copy_(Q_rows, own_rows(Qs, starts) if sharded else Qs)
     return like_dtensors([P @ Q.mT for P, Q in zip(P_rows, Qs)], momenta)
+
+
+def orthonormal_bases(matrices: list[Tensor]) -> list[Tensor]:
+    """The Q factor of each matrix's reduced QR; same-shaped ones as one batch (small and latency-bound:
+    one solver call where there would be one per matrix)."""
+    bases = [None] * len(matrices)
+    for indices in same_shapes(matrices):
+        for i, P in zip(indices, torch.linalg.qr(torch.stack([matrices[i] for i in indices]))[0]):
+            bases[i] = P
+    return bases
 
 
 def same_shapes(tensors: list[Tensor]) -> list[list[int]]:

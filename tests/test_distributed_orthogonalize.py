@@ -1,7 +1,8 @@
 """Orthogonalization divided among ranks (optim/distributed.py), in real gloo process groups of 2 and 3
-ranks: FSDP2-style row shards (uneven, and a matrix with fewer rows than ranks; one rank holding every row),
-HSDP (2 replicas of a 2-way sharding, 4 ranks; of a 1-way one, 2 ranks) and DDP-style replicas (one broadcast bucket per owner, and several) give the single-process result, and each rank orthogonalizes only the matrices it owns.
-Dion's power iteration on row shards, likewise."""
+ranks: FSDP2-style row shards (uneven, and a matrix with fewer rows than ranks; one rank holding every
+row), HSDP (2 replicas of a 2-way sharding, 4 ranks; of a 1-way one, 2 ranks) and DDP-style replicas
+(one broadcast bucket per owner, and several) give the single-process result, and each rank
+orthogonalizes only the matrices it owns. Dion's power iteration on row shards, likewise."""
 
 import os
 import socket
@@ -192,8 +193,8 @@ def dion_problem():
 
 @pytest.mark.parametrize("world,layout", [(3, "fsdp"), (4, "hsdp")])
 def test_dion_on_row_shards_gives_the_single_process_step(world, layout):
-    """Each rank on its own rows (rank-r factors gathered, Mᵀ P summed): the weights, M and Q of one process's
-    two steps, in float64 to 1e-12, with uneven shards and a matrix with fewer rows than ranks."""
+    """Each rank on its own rows (Q gathered, M Q's QR on its owner, Mᵀ P summed): the weights, M and Q of
+    one process's two steps, in float64 to 1e-12, with uneven shards and a matrix with fewer rows than ranks."""
     from optim import Dion
 
     params, grads = dion_problem()

@@ -62,7 +62,7 @@ def test_a_run_counting_nonpad_targets_ends_at_its_recorded_steps_in_the_arm_of_
     (nonpad / "budget.json").write_text('{"counts": "nonpad", "tokens": 1000, "steps": 10}')
     longer = fake_run(tmp_path, "longer", "muon", curve(4.0), budget=1050)
     (longer / "budget.json").write_text('{"counts": "nonpad", "tokens": 1190, "steps": 12}')
-    positions = fake_run(tmp_path, "positions", "muon", curve(4.0), budget=1050)
+    fake_run(tmp_path, "positions", "muon", curve(4.0), budget=1050)
     runs = {r.path.name: r for r in table.find_runs([tmp_path])}
     assert (runs["nonpad"].finished, runs["nonpad"].budget) == (True, 1050)
     assert (runs["longer"].finished, runs["longer"].total_steps) == (False, 12)  # its metrics stop at step 10

@@ -1,10 +1,11 @@
 """How often an optimizer step communicates under FSDP2, counted on 2 gloo ranks (tests/collectives.py):
 the gradient norm is one all-reduce over all parameters, each stage that needs whole-matrix norms or
 means one all-reduce for the whole group (not one per matrix), the owner orthogonalization one
-all-to-all each way, and Dion's power iteration on row shards two all-gathers and an all-reduce. A CPU
-timing cannot show any of this; a per-matrix collective costs a latency each on a cluster. And every optimizer's two sharded steps give the weights one process gets from the two
-ranks' batches together (the end-to-end DDP/FSDP runs of tests/test_distributed.py take one optimizer
-per code path; this checks them all)."""
+all-to-all each way, and Dion's power iteration on row shards an all-gather, an all-to-all each way (its
+QRs on their owners) and an all-reduce. A CPU timing cannot show any of this; a per-matrix collective
+costs a latency each on a cluster. And every optimizer's two sharded steps give the weights one process
+gets from the two ranks' batches together (the end-to-end DDP/FSDP runs of tests/test_distributed.py
+take one optimizer per code path; this checks them all)."""
 
 import contextlib
 import socket
@@ -31,7 +32,8 @@ EXPECTED = {
     "muon2_f": {"all_reduce": 1, "all_to_all": 2},  # + the factored column means and mean(r)
     "normuon": {"all_reduce": 1, "all_to_all": 2},  # + the rescale's norms
     "adamuon": {"all_reduce": 1, "all_to_all": 2},  # + ScaleToRms's norms
-    "dion": {"all_gather": 2, "all_reduce": 1},  # rank-r factors only: Q and M Q gathered, Mᵀ P summed
+    "dion": {"all_gather": 1, "all_to_all": 2, "all_reduce": 1},  # rank-r factors only: Q gathered, M Q's rows
+                                                                  # to the owners and P's back, Mᵀ P summed
 }
 
 
