@@ -339,21 +339,19 @@ def _on_owners_replicated(compute: Compute, inputs, outputs_like, group, payload
     device, dtype = first.device, payload_dtype or first.dtype
     mine = {j: i for i, j in enumerate(plan.owned[rank])}
     outputs = compute(*[[field[j] for j in mine] for field in inputs])
-    shape = lambda j, k: inputs[outputs_like[k]][j].shape  # noqa: E731
-    limit = BROADCAST_BUCKET_BYTES // dtype.itemsize
+    shapes = [[inputs[like][j].shape for like in outputs_like] for j in range(len(inputs[0]))]  # shapes[j][k]
+    numel = [[math.prod(shape) for shape in of_j] for of_j in shapes]
     payloads, pending = [[None] * len(inputs[0]) for _ in outputs_like], []
-    for owner, bucket in _buckets(plan, [[math.prod(shape(j, k)) for k in range(len(outputs_like))]
-                                         for j in range(len(inputs[0]))], limit):
-        flat = torch.empty(sum(math.prod(shape(j, k)) for j, k in bucket), device=device, dtype=dtype)
+    for owner, bucket in _buckets(plan, numel, BROADCAST_BUCKET_BYTES // dtype.itemsize):
+        flat = torch.empty(sum(numel[j][k] for j, k in bucket), device=device, dtype=dtype)
         if owner == rank:
             torch.cat([outputs[k][mine[j]].reshape(-1).to(dtype) for j, k in bucket], out=flat)
         pending.append(dist.broadcast(flat, src=dist.get_global_rank(group, owner), group=group, async_op=True))
-        for (j, k), piece in zip(bucket, flat.split([math.prod(shape(j, k)) for j, k in bucket])):
-            payloads[k][j] = piece.view(shape(j, k))  # every rank goes on with these: the same bits everywhere
+        for (j, k), piece in zip(bucket, flat.split([numel[j][k] for j, k in bucket])):
+            payloads[k][j] = piece.view(shapes[j][k])  # every rank goes on with these: the same bits everywhere
     for work in pending:
         work.wait()
-    results = [[_cast(t, ref.dtype, cast_back) for t, ref in zip(field, inputs[like])] for field, like in zip(payloads, outputs_like)]
-    return results
+    return _in_dtypes(payloads, inputs, outputs_like, cast_back)
 
 
 def _buckets(plan: OwnerPlan, numel: list[list[int]], limit: int) -> list[tuple[int, list[tuple[int, int]]]]:
