@@ -77,30 +77,43 @@ def one_process(repeats: int, bf16: bool) -> dict[str, float]:
         "dion rank 1/4": lambda ps: Dion(ps, rank_fraction=0.25),
     }
     real_cast = torch.Tensor.bfloat16
-    runs = {}
+    runs, work = {}, {}
     for name, make in setups.items():
         params, grads = matrices()
         for p, grad in zip(params, grads):
             p.grad = grad
         runs[name] = make(params)
     times, names = {name: [] for name in setups}, list(setups)
-    for round_ in range(repeats + 1):
-        # alternating, so that drifts of the machine hit every setup alike; each round one setup later
+    # alternating, so that drifts of the machine hit every setup alike; each round one setup later; the first
+    # round warms up (and allocates the state); a last one counts each step's multiply-adds
+    for round_ in range(repeats + 2):
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            optimizer = runs[name]
             if name == "torch fp32":  # torch.optim.Muon's Newton–Schulz in fp32: its bf16 cast made a copy
                 torch.Tensor.bfloat16 = lambda self: self.clone()
             try:
-                start = time.perf_counter()
-                optimizer.step()
-                if round_:  # the first round warms up (and allocates the state)
-                    times[name].append(time.perf_counter() - start)
+                if round_ <= repeats:
+                    start = time.perf_counter()
+                    runs[name].step()
+                    if round_:
+                        times[name].append(time.perf_counter() - start)
+                else:
+                    work[name] = multiply_adds(runs[name])
             finally:
                 torch.Tensor.bfloat16 = real_cast
     results = {name: statistics.median(ts) for name, ts in times.items()}
     for name, seconds in results.items():
-        print(f"{name}: {seconds:.2f} s", flush=True)
-    return results
+        print(f"{name}: {seconds:.2f} s, {work[name] / 768**3:.2f} x 768³ multiply-adds", flush=True)
+    return results, work
+
+
+def multiply_adds(optimizer) -> float:
+    """The multiply-adds of the matrix products in one step, as torch's FlopCounterMode counts them on the code's
+    own path (each product's FLOPs are twice its multiply-adds): what the step's time cannot fall below."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        optimizer.step()
+    return counter.get_total_flops() / 2
 
 
 def _rank(rank: int, world: int, port: int, repeats: int, out) -> None:
@@ -153,7 +166,12 @@ def main() -> None:
     # bf16 rows only where this CPU computes bf16 fast (without AVX-512 BF16 or AMX a bf16 matmul is
     # 20-400x slower than fp32: a step would take minutes, and no one would run it so)
     bf16 = cpu_prefers_bfloat16()
-    single = one_process(args.repeats, bf16)
+    single, work = one_process(args.repeats, bf16)
+
+    def row(label: str, name: str, baseline: str, baseline_label: str, target: str = "") -> str:
+        return (f"| {label} | {single[name]:.2f} | {single[name] / single[baseline]:.2f}x {baseline_label} | "
+                f"{work[name] / 768**3:.2f} x 768³, {work[name] / work[baseline]:.3f}x | {target} |")
+
     ws1, ws2 = processes(1, args.repeats), processes(2, args.repeats)
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -164,20 +182,21 @@ def main() -> None:
         "",
         f"48 matrices (12 x 2304x768, 768x768, 3072x768, 768x3072), fp32 parameters; {cpu} "
         f"({'with' if avx512_bf16 else 'without'} AVX-512 BF16), torch {torch.__version__}. Median of {args.repeats} steps after "
-        f"one warm-up step. Command: `python benchmarks/matrix_step.py --repeats {args.repeats}`.",
+        f"one warm-up step; the matrix products' multiply-adds of one more step, counted by torch's FlopCounterMode "
+        f"(the floor of a time ratio). Command: `python benchmarks/matrix_step.py --repeats {args.repeats}`.",
         "",
         f"## One process ({torch.get_num_threads()} threads)",
         "",
-        "| optimizer | step (s) | ratio | |",
-        "|---|---|---|---|",
-        f"| ours, Muon fp32 NS | {single['ours fp32']:.2f} | {single['ours fp32'] / single['torch fp32']:.2f}x torch fp32 | target ≤ 0.7x |",
-        f"| torch.optim.Muon, fp32 NS | {single['torch fp32']:.2f} | 1.00x | |",
-        *([f"| ours, Muon bf16 NS | {single['ours bf16']:.2f} | {single['ours bf16'] / single['torch bf16']:.2f}x torch bf16 | |",
-           f"| torch.optim.Muon (its bf16 NS) | {single['torch bf16']:.2f} | 1.00x | |"] if bf16 else []),
-        f"| Muon² (3 NS steps) | {single['muon2 fp32 (3 steps)']:.2f} | {single['muon2 fp32 (3 steps)'] / single['ours fp32']:.2f}x our Muon | target ≤ 0.55x |",
-        f"| Muon-NSR | {single['muon_nsr fp32']:.2f} | {single['muon_nsr fp32'] / single['ours fp32']:.2f}x our Muon | target ≤ 1.0x |",
-        f"| Muon-VS | {single['muon_vs fp32']:.2f} | {single['muon_vs fp32'] / single['ours fp32']:.2f}x our Muon | target ≤ 1.0x |",
-        f"| Dion, rank 1/4 | {single['dion rank 1/4']:.2f} | {single['dion rank 1/4'] / single['ours fp32']:.2f}x our Muon | |",
+        "| optimizer | step (s) | ratio | its matmul multiply-adds, ratio | |",
+        "|---|---|---|---|---|",
+        row("ours, Muon fp32 NS", "ours fp32", "torch fp32", "torch fp32", "target ≤ 0.7x"),
+        row("torch.optim.Muon, fp32 NS", "torch fp32", "torch fp32", "torch fp32"),
+        *([row("ours, Muon bf16 NS", "ours bf16", "torch bf16", "torch bf16"),
+           row("torch.optim.Muon (its bf16 NS)", "torch bf16", "torch bf16", "torch bf16")] if bf16 else []),
+        row("Muon² (3 NS steps)", "muon2 fp32 (3 steps)", "ours fp32", "our Muon", "target ≤ 0.55x"),
+        row("Muon-NSR", "muon_nsr fp32", "ours fp32", "our Muon", "target ≤ 1.0x"),
+        row("Muon-VS", "muon_vs fp32", "ours fp32", "our Muon", "target ≤ 1.0x"),
+        row("Dion, rank 1/4", "dion rank 1/4", "ours fp32", "our Muon"),
         "",
         "## Two processes vs one (gloo, one thread per process; Muon fp32 NS, Dion rank 1/4)",
         "",

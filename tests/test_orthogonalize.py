@@ -131,6 +131,40 @@ def test_symmetric_products_equal_the_whole_products_to_rounding(monkeypatch):
         assert (blocks - newton_schulz(M, dtype=torch.float32)).abs().max() < 1e-5
 
 
+def test_matmul_work_of_a_gpt2_layer_in_units_of_s_cubed(monkeypatch):
+    """The multiply-adds of one step on a GPT-2 layer's four matrices (s x 3s, s x s, 4s x s, s x 4s), counted on
+    the code's own path by torch's FlopCounterMode, in units of s³ (s = 512: the same two levels of symmetric
+    blocks as GPT-2 small's 768). Newton–Schulz, per step, is a Gram matrix, its square and a product with Y;
+    ours takes the Gram form for l >= 2s and mirrors symmetric blocks (5/8 of their multiply-adds):
+        torch.optim.Muon, 5 steps:  5 (2l + 1) per matrix                      -> 140
+        our Muon, 5 steps (3 + 2):  3.25 l + 9.875 (Gram), 11.25 (square)      -> 76.625, 0.547x torch's
+        Muon², 3 steps:             1.625 l + 6.375 (Gram), 6.75 (square)      -> 43.75, 0.571x our Muon
+    so 0.571x is the floor of Muon²'s step time against Muon's (benchmarks/matrix_step.py prints both)."""
+    from torch.optim import Muon as TorchMuon
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from optim import Muon, Muon2
+
+    s = 512
+    shapes = [(s, 3 * s), (s, s), (4 * s, s), (s, 4 * s)]
+
+    def units(make) -> float:
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*shape, generator=g)) for shape in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        optimizer = make(params)
+        with FlopCounterMode(display=False) as counter:
+            optimizer.step()
+        return counter.get_total_flops() / (2 * s**3)
+
+    fp32 = {"dtype": "float32"}
+    monkeypatch.setattr(torch.Tensor, "bfloat16", lambda self: self.clone())  # torch's bf16 cast: ~100x slower on some CPUs
+    assert units(lambda ps: TorchMuon(ps, adjust_lr_fn="match_rms_adamw")) == 140
+    assert units(lambda ps: Muon(ps, orthogonalizer=fp32)) == 76.625
+    assert units(lambda ps: Muon2(ps, orthogonalizer=fp32)) == 43.75
+
+
 def test_bfloat16_symmetric_products_on_a_cpu_are_one_batched_product():
     """A CPU's bf16 matmuls lose more to smaller blocks than the blocks save (optim/orthogonalize.py,
     symmetric_product), so in bf16 the product is one torch.bmm; float32 still multiplies three blocks."""
