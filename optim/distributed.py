@@ -283,7 +283,7 @@ def _on_owners_sharded(compute: Compute, inputs, outputs_like, payload_dtype, ca
 
     # 1. to the owners: this rank's rows of every field of every matrix owned by o, in matrix order
     send = [[locals_[f][j] for j in plan.owned[o] for f in fields] for o in range(world)]
-    received = _all_to_all(send, [plan.numel(fields, mine, r) for r in range(world)], group, device, dtype)
+    received, buffers = _all_to_all(send, [plan.numel(fields, mine, r) for r in range(world)], group, device, dtype)
     wholes, offsets = [[] for _ in fields], [0] * world
     for j in mine:
         for f in fields:
@@ -300,7 +300,7 @@ def _on_owners_sharded(compute: Compute, inputs, outputs_like, payload_dtype, ca
     send = [[outputs[k][i][plan.starts[outputs_like[k]][j][r]:][:plan.rows[outputs_like[k]][j][r]]
              for i, j in enumerate(mine) for k in out_fields] for r in range(world)]
     sizes = [sum(plan.numel([outputs_like[k]], [j], rank) for j in plan.owned[o] for k in out_fields) for o in range(world)]
-    received = _all_to_all(send, sizes, group, device, dtype)
+    received, _ = _all_to_all(send, sizes, group, device, dtype, spare=buffers)  # the wholes are copies: both are free
     results, offsets = [[None] * len(inputs[0]) for _ in out_fields], [0] * world
     for j, o in enumerate(plan.owners):
         for k in out_fields:
@@ -313,15 +313,29 @@ def _on_owners_sharded(compute: Compute, inputs, outputs_like, payload_dtype, ca
     return results
 
 
-def _all_to_all(send: list[list[torch.Tensor]], receive_sizes: list[int], group, device, dtype) -> list[torch.Tensor]:
-    """One all_to_all_single of uneven flat pieces: the tensors send[r] go to rank r, flattened in `dtype` into
-    one buffer (one copy); returns what each rank sent here."""
-    flat = [t.reshape(-1).to(dtype) for tensors in send for t in tensors]
-    output = torch.empty(sum(receive_sizes), device=device, dtype=dtype)
+def _all_to_all(send: list[list[torch.Tensor]], receive_sizes: list[int], group, device, dtype,
+                spare: Sequence[torch.Tensor] = ()) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """One all_to_all_single of uneven flat pieces: the tensors send[r] go to rank r, each copied once, cast to
+    `dtype`, into one flat buffer (the copy takes any strides: row slices of a transposed Newton–Schulz
+    result). Returns what each rank sent here, and the send and receive buffers, which the next exchange
+    of a step may take as its `spare` ones, so that its buffers are memory already in use (on a CPU, a
+    fresh buffer over glibc's 32 MB mmap limit is faulted in page by page while the collective writes it:
+    the way back took 0.9-1.1 s where the same bytes, in pages already mapped, took 0.1 s)."""
+    spare = list(spare)
+
+    def buffer(numel: int) -> torch.Tensor:
+        fits = [i for i, b in enumerate(spare) if b.numel() >= numel and b.dtype == dtype and b.device == device]
+        return spare.pop(min(fits, key=lambda i: spare[i].numel()))[:numel] if fits else \
+            torch.empty(numel, device=device, dtype=dtype)
+
     send_sizes = [sum(t.numel() for t in tensors) for tensors in send]
-    dist.all_to_all_single(output, torch.cat(flat) if flat else torch.empty(0, device=device, dtype=dtype),
-                           receive_sizes, send_sizes, group=group)
-    return list(output.split(receive_sizes))
+    flat, offset = buffer(sum(send_sizes)), 0
+    for t in (t for tensors in send for t in tensors):
+        flat[offset:offset + t.numel()].view(t.shape).copy_(t)
+        offset += t.numel()
+    output = buffer(sum(receive_sizes))
+    dist.all_to_all_single(output, flat, receive_sizes, send_sizes, group=group)
+    return list(output.split(receive_sizes)), (flat, output)
 
 
 BROADCAST_BUCKET_BYTES = 25 * 2**20  # DDP's bucket_cap_mb; on a CPU also below glibc's 32 MB mmap limit

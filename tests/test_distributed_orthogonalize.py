@@ -2,7 +2,8 @@
 ranks: FSDP2-style row shards (uneven, and a matrix with fewer rows than ranks; one rank holding every
 row), HSDP (2 replicas of a 2-way sharding, 4 ranks; of a 1-way one, 2 ranks) and DDP-style replicas
 (one broadcast bucket per owner, and several) give the single-process result, and each rank
-orthogonalizes only the matrices it owns. Dion's power iteration on row shards, likewise."""
+orthogonalizes only the matrices it owns (under FSDP2/HSDP the exchange back reuses the way there's
+buffers). Dion's power iteration on row shards, likewise."""
 
 import os
 import socket
@@ -47,7 +48,13 @@ def _worker(rank, world, port, layout, results):
                                (init_device_mesh("cpu", (2, world // 2)), [Replicate(), Shard(0)])
             shards = world if layout == "fsdp" else world // 2
             updates = [distribute_tensor(m, mesh, placements) for m in whole]
+            exchanges, all_to_all = [], dist.all_to_all_single
+            dist.all_to_all_single = lambda output, input, *a, **k: exchanges.append((input.data_ptr(), output.data_ptr())) or \
+                all_to_all(output, input, *a, **k)
             out = [o.full_tensor() for o in orthogonalize_distributed(count, updates)]
+            dist.all_to_all_single = all_to_all
+            if shards > 1:  # the way back sends from the buffer the way there received into, and receives into its send buffer
+                assert len(exchanges) == 2 and exchanges[1] == exchanges[0][::-1], exchanges
             assert all(o.to_local().shape[0] == shard_rows(s[0], shards)[rank % shards] for o, s in
                        zip(orthogonalize_distributed(orthogonalizer.apply_all, updates), SHAPES))
         else:
