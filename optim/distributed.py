@@ -300,7 +300,9 @@ def _on_owners_sharded(compute: Compute, inputs, outputs_like, payload_dtype, ca
     send = [[outputs[k][i][plan.starts[outputs_like[k]][j][r]:][:plan.rows[outputs_like[k]][j][r]]
              for i, j in enumerate(mine) for k in out_fields] for r in range(world)]
     sizes = [sum(plan.numel([outputs_like[k]], [j], rank) for j in plan.owned[o] for k in out_fields) for o in range(world)]
-    received, _ = _all_to_all(send, sizes, group, device, dtype, spare=buffers)  # the wholes are copies: both are free
+    # the wholes are copies, so both buffers are free: the receive buffer had lived through compute already, the
+    # send buffer now does too (on a GPU, one more rank's share of the matrices at the peak)
+    received, _ = _all_to_all(send, sizes, group, device, dtype, spare=buffers)
     results, offsets = [[None] * len(inputs[0]) for _ in out_fields], [0] * world
     for j, o in enumerate(plan.owners):
         for k in out_fields:
