@@ -133,16 +133,16 @@ def test_symmetric_products_equal_the_whole_products_to_rounding(monkeypatch):
 
 def test_matmul_work_of_a_gpt2_layer_in_units_of_s_cubed(monkeypatch):
     """The multiply-adds of one step on a GPT-2 layer's four matrices (s x 3s, s x s, 4s x s, s x 4s), counted on
-    the code's own path by torch's FlopCounterMode, in units of s³ (s = 512: the same two levels of symmetric
-    blocks as GPT-2 small's 768). Newton–Schulz, per step, is a Gram matrix, its square and a product with Y;
+    the code's own path by torch's FlopCounterMode (benchmarks/matrix_step.py's count), in units of s³ (s = 512:
+    the same two levels of symmetric blocks as GPT-2 small's 768). Newton–Schulz, per step, is a Gram matrix, its square and a product with Y;
     ours takes the Gram form for l >= 2s and mirrors symmetric blocks (5/8 of their multiply-adds):
         torch.optim.Muon, 5 steps:  5 (2l + 1) per matrix                      -> 140
         our Muon, 5 steps (3 + 2):  3.25 l + 9.875 (Gram), 11.25 (square)      -> 76.625, 0.547x torch's
         Muon², 3 steps:             1.625 l + 6.375 (Gram), 6.75 (square)      -> 43.75, 0.571x our Muon
     so 0.571x is the floor of Muon²'s step time against Muon's (benchmarks/matrix_step.py prints both)."""
     from torch.optim import Muon as TorchMuon
-    from torch.utils.flop_counter import FlopCounterMode
 
+    from benchmarks.matrix_step import multiply_adds
     from optim import Muon, Muon2
 
     s = 512
@@ -153,10 +153,7 @@ def test_matmul_work_of_a_gpt2_layer_in_units_of_s_cubed(monkeypatch):
         params = [torch.nn.Parameter(torch.randn(*shape, generator=g)) for shape in shapes]
         for p in params:
             p.grad = torch.randn(p.shape, generator=g)
-        optimizer = make(params)
-        with FlopCounterMode(display=False) as counter:
-            optimizer.step()
-        return counter.get_total_flops() / (2 * s**3)
+        return multiply_adds(make(params)) / s**3
 
     fp32 = {"dtype": "float32"}
     monkeypatch.setattr(torch.Tensor, "bfloat16", lambda self: self.clone())  # torch's bf16 cast: ~100x slower on some CPUs
