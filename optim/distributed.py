@@ -18,8 +18,9 @@ assignment from the shapes alone. An owner orthogonalizes its matrices in same-s
     one process, or nothing opted in       every matrix here, as before.
 
 `on_owners` is the general form: any per-matrix work that needs whole tensors (Dion's power
-iteration on DDP replicas takes M and its Q, and returns D, the new M and the new Q; under FSDP2 only
-its QRs of M Q need owners), in one exchange each way (DDP: broadcasts in buckets); the owner plan
+iteration on DDP replicas takes M, G and Q, and returns D, the new M and the new Q; under FSDP2 only
+its QRs of M Q need owners), in one exchange each way (DDP: broadcasts in buckets; outputs that only
+their owner needs, as Dion's M and Q, stay there until `broadcast_from_owners`); the owner plan
 (owners, rows, offsets) is computed once per shape signature. Work that splits by rows needs no owners:
 `gather_row_shards` collects small per-row factors from every rank in one all-gather (Dion's Q under
 FSDP2, optim/stages.py). Orthogonalization sends its matrices in the Newton–Schulz dtype (bf16 on a
@@ -198,7 +199,8 @@ def orthogonalize_distributed(orthogonalize: Orthogonalize, updates: list[torch.
 
 
 def on_owners(compute: Compute, inputs: list[list[torch.Tensor]], outputs_like: Sequence[int], replicated_over=None,
-              payload_dtype: torch.dtype | None = None, cast_back: bool = True) -> list[list[torch.Tensor]]:
+              payload_dtype: torch.dtype | None = None, cast_back: bool = True,
+              kept_by_owners: Sequence[int] = ()) -> list[list[torch.Tensor]]:
     """Per-matrix work that needs whole matrices, each matrix on one owner rank.
 
     `inputs` are fields, each a list with one tensor per matrix (e.g. [momenta, Qs]); `compute` gets,
@@ -206,17 +208,39 @@ def on_owners(compute: Compute, inputs: list[list[torch.Tensor]], outputs_like: 
     aligned with them. Output field k has the shapes and layout of input field `outputs_like[k]` and
     comes back in its dtypes (with ``cast_back=False``: in the dtype it was computed in, or travelled in).
     FSDP2/HSDP row shards go to their owners in one all-to-all and the outputs' rows come back in another;
-    DDP replicas (``replicated_over``) are computed by their owners and broadcast; otherwise everything is
-    computed here. Tensors travel in `payload_dtype` (default: the first input's)."""
+    DDP replicas (``replicated_over``) are computed by their owners and broadcast, except the output fields
+    in `kept_by_owners`: a rank gets back its own outputs of those for the matrices it owns and its inputs
+    (as they were) for the others, which the caller brings up to date with `broadcast_from_owners` when it
+    needs them; otherwise everything is computed here. Tensors travel in `payload_dtype` (default: the
+    first input's)."""
     everything = [t for field in inputs for t in field]
     if row_sharded(everything):
         return _on_owners_sharded(compute, inputs, outputs_like, payload_dtype, cast_back)
     if any(isinstance(t, DTensor) for t in everything):  # other layouts: gather, compute here
         outputs = _in_dtypes(compute(*[gather_whole(field) for field in inputs]), inputs, outputs_like, cast_back)
         return [shard_like(out, inputs[like]) for out, like in zip(outputs, outputs_like)]
-    if everything and replicated_over is not None and dist.is_initialized() and dist.get_world_size(replicated_over) > 1:
-        return _on_owners_replicated(compute, inputs, outputs_like, replicated_over, payload_dtype, cast_back)
+    if divides_replicas(everything, replicated_over):
+        return _on_owners_replicated(compute, inputs, outputs_like, replicated_over, payload_dtype, cast_back, kept_by_owners)
     return _in_dtypes(compute(*inputs), inputs, outputs_like, cast_back)
+
+
+def divides_replicas(tensors: list[torch.Tensor], replicated_over) -> bool:
+    """Whether `on_owners` divides these tensors' matrices among the ranks of ``replicated_over`` (DDP replicas:
+    plain tensors, a group of more than one rank)."""
+    return bool(tensors) and replicated_over is not None and dist.is_initialized() and \
+        dist.get_world_size(replicated_over) > 1 and not any(isinstance(t, DTensor) for t in tensors)
+
+
+def broadcast_from_owners(fields: list[list[torch.Tensor]], replicated_over) -> None:
+    """fields[f][j], in place on every rank of ``replicated_over``, from the rank that owns matrix j in
+    `on_owners`' assignment (by the shapes of field 0, as on_owners assigns by its first input field): what
+    its `kept_by_owners` outputs left current on the owners only. Every rank calls it."""
+    world = dist.get_world_size(replicated_over)
+    owners = owner_plan((tuple(tuple(t.shape) for t in fields[0]),), world).owners
+    pending = [dist.broadcast(t, src=dist.get_global_rank(replicated_over, owners[j]), group=replicated_over, async_op=True)
+               for field in fields for j, t in enumerate(field)]
+    for work in pending:
+        work.wait()
 
 
 def _in_dtypes(outputs, inputs, outputs_like, cast_back: bool) -> list[list[torch.Tensor]]:
@@ -343,12 +367,14 @@ def _all_to_all(send: list[list[torch.Tensor]], receive_sizes: list[int], group,
 BROADCAST_BUCKET_BYTES = 25 * 2**20  # DDP's bucket_cap_mb; on a CPU also below glibc's 32 MB mmap limit
 
 
-def _on_owners_replicated(compute: Compute, inputs, outputs_like, group, payload_dtype, cast_back) -> list[list[torch.Tensor]]:
+def _on_owners_replicated(compute: Compute, inputs, outputs_like, group, payload_dtype, cast_back,
+                          kept_by_owners: Sequence[int]) -> list[list[torch.Tensor]]:
     """Replicas (DDP): each owner computes its matrices, then broadcasts their outputs in flat buckets of
     up to BROADCAST_BUCKET_BYTES (a larger tensor alone), every broadcast in flight at once; the results
     are views of the buckets. One flat buffer per owner took fresh pages every step on a CPU (past 32 MB
     glibc maps each allocation anew): receiving Dion's outputs so took 0.7 s where the bytes take 0.25 s.
-    (gloo's all_gather was 6x slower than broadcasts of the same bytes on CPU.)"""
+    (gloo's all_gather was 6x slower than broadcasts of the same bytes on CPU.) Fields `kept_by_owners` are
+    not sent: each rank's own outputs where it owns the matrix, its inputs elsewhere."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     plan = owner_plan(tuple(tuple(tuple(t.shape) for t in field) for field in inputs), world)
     first = inputs[0][0]
@@ -358,7 +384,10 @@ def _on_owners_replicated(compute: Compute, inputs, outputs_like, group, payload
     shapes = [[inputs[like][j].shape for like in outputs_like] for j in range(len(inputs[0]))]  # shapes[j][k]
     numel = [[math.prod(shape) for shape in of_j] for of_j in shapes]
     payloads, pending = [[None] * len(inputs[0]) for _ in outputs_like], []
-    for owner, bucket in _buckets(plan, numel, BROADCAST_BUCKET_BYTES // dtype.itemsize):
+    for k in kept_by_owners:
+        payloads[k] = [outputs[k][mine[j]] if j in mine else field_j for j, field_j in enumerate(inputs[outputs_like[k]])]
+    sent = [k for k in range(len(outputs_like)) if k not in kept_by_owners]
+    for owner, bucket in _buckets(plan, numel, BROADCAST_BUCKET_BYTES // dtype.itemsize, sent):
         flat = torch.empty(sum(numel[j][k] for j, k in bucket), device=device, dtype=dtype)
         if owner == rank:
             torch.cat([outputs[k][mine[j]].reshape(-1).to(dtype) for j, k in bucket], out=flat)
@@ -370,14 +399,16 @@ def _on_owners_replicated(compute: Compute, inputs, outputs_like, group, payload
     return _in_dtypes(payloads, inputs, outputs_like, cast_back)
 
 
-def _buckets(plan: OwnerPlan, numel: list[list[int]], limit: int) -> list[tuple[int, list[tuple[int, int]]]]:
-    """(owner, [(matrix j, output k), ...]) buckets of each owner's outputs in order, each of at most `limit`
-    numbers unless one output alone is larger: the same list on every rank (it depends on shapes only)."""
+def _buckets(plan: OwnerPlan, numel: list[list[int]], limit: int, outputs: Sequence[int]) -> list[tuple[int, list[tuple[int, int]]]]:
+    """(owner, [(matrix j, output k), ...]) buckets of each owner's outputs k in `outputs`, in order,
+    each of at most `limit` numbers unless one output alone is larger: the same list on every rank (it
+    depends on shapes only)."""
     buckets = []
     for owner, owned in enumerate(plan.owned):
         current, size = [], 0
         for j in owned:
-            for k, n in enumerate(numel[j]):
+            for k in outputs:
+                n = numel[j][k]
                 if current and size + n > limit:
                     buckets.append((owner, current))
                     current, size = [], 0

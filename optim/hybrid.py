@@ -167,6 +167,19 @@ class HybridOptimizer(Optimizer):
             if hasattr(opt, "split_orthogonalization"):
                 opt.split_orthogonalization(process_group)
 
+    def consolidate_state_dict(self) -> None:
+        """Every rank calls it before state_dict() (Lightning does, before saving): the matrix parts bring to
+        every rank the state their owner ranks alone kept current (optim/matrix.py)."""
+        for opt in self.parts.values():
+            if hasattr(opt, "consolidate_state_dict"):
+                opt.consolidate_state_dict()
+
+    def state_dict(self) -> dict:
+        for opt in self.parts.values():
+            if hasattr(opt, "require_whole_state"):
+                opt.require_whole_state()
+        return super().state_dict()
+
     def store_lookahead_gradients(self) -> None:
         for opt in self.parts.values():
             if getattr(opt, "needs_lookahead", False):

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch.optim import Optimizer
 
+from optim.distributed import broadcast_from_owners, divides_replicas
 from optim.orthogonalize import Orthogonalizer
 from optim.stages import ScaleByShape, Stage, Step, UpdateScale, apply_update_, update_scale
 
@@ -77,6 +78,7 @@ class MatrixOptimizer(Optimizer):
         self.stages, self.scale = tuple(stages), scale
         self.replicated_over = None
         self._counts: dict[torch.Tensor, tuple[torch.Tensor, int]] = {}  # see _advance_counts
+        self._on_owners_only: tuple[dict, dict[int, tuple]] = (self.state, {})  # see _owners_keep
         orthogonalizer = constructor_defaults(type(self)).get("orthogonalizer")  # Muon²'s has 3 steps
         for group in self.param_groups:
             check_group(type(self).__name__, group, orthogonalizer)
@@ -105,10 +107,53 @@ class MatrixOptimizer(Optimizer):
     def split_orthogonalization(self, process_group=None) -> None:
         """Declare the parameters identical replicas over `process_group` (default: the world), as under
         DDP: each rank then orthogonalizes its share of the matrices and broadcasts the results
-        (optim/distributed.py). FSDP2's sharded parameters are divided among ranks without this."""
+        (optim/distributed.py); state that only a matrix's owner needs (Dion's M and Q) stays current there
+        until consolidate_state_dict(). FSDP2's sharded parameters are divided among ranks without this."""
         import torch.distributed as dist
 
         self.replicated_over = process_group if process_group is not None else dist.group.WORLD
+
+    def _owners_keep(self, index: int, params: list[torch.Tensor]) -> None:
+        """Note that group `index`'s `params` leave this step with the stages' ``owner_only_state`` current on
+        their owner ranks only (DDP replicas dividing their matrices). Owners follow the shapes of the matrices
+        with gradients: if those changed since the group's last step, the state is first brought to every rank."""
+        if not any(stage.owner_only_state for stage in self.stages) or not divides_replicas(params, self.replicated_over):
+            return
+        stale = self._stale()
+        if index in stale and [id(p) for p in stale[index]] != [id(p) for p in params]:
+            self.consolidate_state_dict()
+        stale[index] = tuple(params)
+
+    def _stale(self) -> dict[int, tuple]:
+        """group index -> the matrices whose owner-only state other ranks hold stale; empty once the state
+        object was replaced (a checkpoint loaded: every rank loaded the same)."""
+        if self._on_owners_only[0] is not self.state:
+            self._on_owners_only = (self.state, {})
+        return self._on_owners_only[1]
+
+    def consolidate_state_dict(self) -> None:
+        """Bring to every rank the state that DDP replicas dividing their matrices keep current on each
+        matrix's owner only (Dion's M and Q): one broadcast per tensor from its owner. Every rank calls it,
+        as torch's ZeroRedundancyOptimizer protocol has it: Lightning does before it saves a checkpoint.
+        A no-op otherwise."""
+        stale = self._stale()
+        for params in stale.values():
+            broadcast_from_owners([[self.state[p][name] for p in params] for name in self._owner_only_names()], self.replicated_over)
+        stale.clear()
+
+    def _owner_only_names(self) -> list[str]:
+        return [f"{stage.namespace}/{name}" for stage in self.stages for name in stage.owner_only_state]
+
+    def require_whole_state(self) -> None:
+        """Raise if some state is current on its owner rank only (see consolidate_state_dict)."""
+        if self._stale():
+            raise RuntimeError(f"{type(self).__name__}'s {', '.join(self._owner_only_names())} are current on each matrix's owner "
+                               "rank only (DDP replicas dividing their matrices: split_orthogonalization()); call "
+                               "consolidate_state_dict() on every rank before state_dict()")
+
+    def state_dict(self) -> dict:
+        self.require_whole_state()
+        return super().state_dict()
 
     def directions(self, group: dict, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list]:
         """Run the stages on the group's gradients: the direction D of each matrix, and the scale rule's
@@ -129,9 +174,10 @@ class MatrixOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            self._owners_keep(index, params)
             apply_update_(params, *self.directions(group, params), group)
         return loss

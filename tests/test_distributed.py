@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, run_cli, start_and_signal
 from trainer.metrics import read_metrics
@@ -118,6 +119,18 @@ def test_ddp_equals_one_device_and_fsdp_equals_ddp(tmp_path, cache_dir, optim):
         print(f"parity {optim} {key}: ddp vs one device {ddp:.1e}, fsdp vs ddp {fsdp:.1e}")
         assert ddp <= 1e-5 and fsdp <= 1e-5, key
     assert runs["single"][-1]["train_loss"] < runs["single"][0]["train_loss"] - 2  # and it trained
+    if optim == "dion":  # DDP ranks keep M and Q on each matrix's owner; the checkpoint has every matrix's, from its owner
+        ddp, single = (matrix_states(tmp_path / name) for name in ("ddp", "single"))
+        assert ddp.keys() == single.keys() and len(single) == 8  # gpt2_tiny: 2 blocks x 4 matrices
+        for j in single:
+            for key in ("dion/momentum", "dion/q"):
+                assert (ddp[j][key] - single[j][key]).norm() <= 1e-3 * single[j][key].norm(), (j, key)  # stale: ~1
+
+
+def matrix_states(run_dir) -> dict:
+    """The checkpoint's optimizer state of the matrices Dion updates, by parameter position."""
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["optimizer_states"][0]["state"]
+    return {j: s for j, s in state.items() if "dion/momentum" in s}
 
 
 @pytest.fixture(scope="module")

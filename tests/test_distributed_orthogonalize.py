@@ -5,6 +5,7 @@ row), HSDP (2 replicas of a 2-way sharding, 4 ranks; of a 1-way one, 2 ranks) an
 orthogonalizes only the matrices it owns (under FSDP2/HSDP the exchange back reuses the way there's
 buffers). Dion's power iteration on row shards, likewise."""
 
+import math
 import os
 import socket
 
@@ -95,11 +96,12 @@ def test_ddp_broadcast_buckets_hold_one_owners_outputs_in_order_up_to_the_limit(
     plan = owner_plan((tuple(SHAPES), tuple(SHAPES)), 2)
     assert plan.owned == ((4,), (0, 1, 2, 3))
     numel = [[35, 35], [35, 35], [48, 48], [12, 12], [81, 81]]  # two outputs of each matrix
-    assert _buckets(plan, numel, 60) == [
+    assert _buckets(plan, numel, 60, (0, 1)) == [
         (0, [(4, 0)]), (0, [(4, 1)]),  # 81 > 60: each alone
         (1, [(0, 0)]), (1, [(0, 1)]), (1, [(1, 0)]), (1, [(1, 1)]), (1, [(2, 0)]),
         (1, [(2, 1), (3, 0)]), (1, [(3, 1)])]  # 48 + 12 fit together; 35 + 35 do not
-    assert len(_buckets(plan, numel, 10**6)) == 2  # one per owner when everything fits
+    assert len(_buckets(plan, numel, 10**6, (0, 1))) == 2  # one per owner when everything fits
+    assert _buckets(plan, numel, 60, (1,))[:2] == [(0, [(4, 1)]), (1, [(0, 1)])]  # output 0 kept by its owners
 
 
 def test_owners_balance_the_newton_schulz_cost():
@@ -216,3 +218,90 @@ def test_dion_on_row_shards_gives_the_single_process_step(world, layout):
     for weights, sharded_state in dict(results).values():
         for got, want in zip([*weights, *sharded_state], [*params, *state], strict=True):
             assert torch.allclose(got, want.detach(), rtol=0, atol=1e-12), got.shape
+
+
+def three_steps(grads) -> list[list]:
+    """dion_problem's two steps, then a third without a gradient for matrix 1 (the owners change with the shapes)."""
+    return [*grads, [None if j == 1 else grad for j, grad in enumerate(grads[0])]]
+
+
+def take_steps(optimizer, params, steps) -> None:
+    for g in steps:
+        for p, grad in zip(params, g):
+            p.grad = grad
+        optimizer.step()
+
+
+def _dion_ddp_worker(rank, world, port, results):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from optim import Dion
+
+    class BroadcastNumbers(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "c10d" and func.__name__.split(".")[0] == "broadcast_":
+                self.numel += sum(t.numel() for t in args[0])
+            return func(*args, **(kwargs or {}))
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        params, grads = dion_problem()
+        optimizer = Dion(params, lr=0.1, rank_fraction=0.5)
+        optimizer.split_orthogonalization()
+        steps = three_steps(grads)
+        with BroadcastNumbers() as two_steps:
+            take_steps(optimizer, params, steps[:2])
+        try:
+            optimizer.state_dict()
+            refusal = ""
+        except RuntimeError as error:
+            refusal = str(error)
+        owners = assign_owners(SHAPES, world)
+        kept = [[optimizer.state[p][key].clone() for key in ("dion/momentum", "dion/q")] if owners[j] == rank else None
+                for j, p in enumerate(params)]
+        with BroadcastNumbers() as third:  # a consolidation first, as the owners change
+            take_steps(optimizer, params, steps[2:])
+        optimizer.consolidate_state_dict()
+        results[rank] = ([p.detach().clone() for p in params], optimizer.state_dict()["state"], kept, refusal,
+                         two_steps.numel, third.numel)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_dion_on_ddp_replicas_broadcasts_only_d_and_consolidates_m_and_q_from_their_owners(world):
+    """Split among DDP replicas, each owner keeps its matrices' M and Q and broadcasts only D (a matrix's
+    numbers, once a step); state_dict() refuses until consolidate_state_dict() has brought M and Q from the
+    owners; a step whose set of matrices differs (new owners) consolidates first. Weights, M and Q equal one
+    process's three steps to 1e-12 on every rank."""
+    from optim import Dion
+
+    params, grads = dion_problem()
+    optimizer = Dion(params, lr=0.1, rank_fraction=0.5)
+    steps = three_steps(grads)
+    take_steps(optimizer, params, steps[:2])
+    after_two = [[optimizer.state[p][key].clone() for key in ("dion/momentum", "dion/q")] for p in params]
+    take_steps(optimizer, params, steps[2:])
+    expected = optimizer.state_dict()["state"]
+    results = mp.Manager().dict()
+    mp.spawn(_dion_ddp_worker, args=(world, free_port(), results), nprocs=world)
+    numel = [math.prod(s) for s in SHAPES]
+    m_and_q = sum(n + s[1] * math.ceil(0.5 * min(s)) for n, s in zip(numel, SHAPES))
+    for rank, (weights, state, kept, refusal, two_steps, third) in dict(results).items():
+        for got, want in zip(weights, params, strict=True):
+            assert torch.allclose(got, want.detach(), rtol=0, atol=1e-12)
+        for j in range(len(SHAPES)):
+            for key in ("dion/momentum", "dion/q", "step"):
+                assert torch.allclose(state[j][key], expected[j][key], rtol=0, atol=1e-12), (rank, j, key)
+            if kept[j] is not None:  # current on the owner before any consolidation
+                assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(kept[j], after_two[j]))
+        assert "dion/momentum, dion/q are current on each matrix's owner rank only" in refusal
+        assert "consolidate_state_dict()" in refusal
+        assert two_steps == 2 * sum(numel)  # D only, not M (whose bytes it was) nor Q
+        # the third step: M and Q of all five matrices, then D of the four with gradients
+        assert third == m_and_q + sum(numel) - numel[1]

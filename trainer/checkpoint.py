@@ -51,11 +51,12 @@ def renumber_optimizer_state(state: dict, new_id: dict[int, int]) -> dict:
 
 def number_by_position(checkpoint: dict, module: torch.nn.Module, optimizers: list) -> None:
     """Renumber the checkpoint's optimizer states by each parameter's position in `module` (as
-    FSDP2 numbers them already), so a checkpoint of any strategy loads under any other."""
+    FSDP2 numbers them already), so a checkpoint of any strategy loads under any other. (Under DDP, ranks
+    other than 0 have empty ones: Lightning consolidates the state onto rank 0, which writes the file.)"""
     position = {id(p): i for i, p in enumerate(module.parameters())}
     checkpoint["optimizer_states"] = [
         renumber_optimizer_state(state, {i: position[id(p)] for i, p in enumerate(p for g in opt.param_groups for p in g["params"])})
-        for state, opt in zip(checkpoint["optimizer_states"], optimizers)
+        if state else state for state, opt in zip(checkpoint["optimizer_states"], optimizers)
     ]
 
 
