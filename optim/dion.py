@@ -23,8 +23,8 @@ class Dion(MatrixOptimizer):
     share AdamW's lr as every optimizer here; Dion's own is the spectral sqrt(m/n),
     ``adjust_lr_fn="spectral"``, with wd 0.01). Same-shaped matrices iterate as one batch. Under FSDP2
     each rank works on its own rows of M and only rank-r factors travel (Q and M Q gathered, Mᵀ P
-    summed); under DDP each matrix's iteration runs on one owner rank, which broadcasts the result (Q
-    starts from the same seeded draw everywhere).
+    summed); under DDP each matrix's iteration runs on one owner rank, which broadcasts D and keeps M and
+    Q (``consolidate_state_dict()``, called on every rank before saving, brings them to all).
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, cautious_weight_decay: bool = False,

@@ -297,8 +297,8 @@ class SecondMoment(Stage):
             torch._foreach_addcmul_(second, observed, observed, value=1.0 - beta2)
             denominator = torch._foreach_sqrt(local_tensors(second))
         torch._foreach_add_(denominator, eps)
-        torch._foreach_reciprocal_(denominator)
-        torch._foreach_mul_(denominator, local_tensors(updates))  # X / (sqrt(V) + ε), in the one fresh buffer
+        for x, d in zip(local_tensors(updates), denominator):  # X / (sqrt(V) + ε), in the one fresh buffer: one pass
+            torch.div(x, d, out=d)  # (a reciprocal, then a product, took 1.5x as long: 48 GPT-2 small matrices, 2 threads)
         return like_dtensors(denominator, updates)
 
     def _factored_sqrt(self, step: Step) -> list[Tensor]:
@@ -415,7 +415,7 @@ class LowRankOrthogonalize(Stage):
     among owner ranks (optim/distributed.py, ``on_owners``), which broadcast D only: M and Q are needed
     by their owner alone, so they stay current there, and the other ranks' copies are brought up to date
     by the optimizer's ``consolidate_state_dict()`` before a checkpoint (half the bytes of broadcasting
-    D and M every step; 2 ranks, GPT-2 small: 0.67x → 0.47x the replicated step). State:
+    D and M every step; 2 ranks, GPT-2 small: 0.71x → 0.56x the replicated step). State:
     ``dion/momentum``, ``dion/q`` (under FSDP2 both sharded by rows)."""
 
     rank_fraction: float = 1.0
