@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from optim import distributed
 from optim.distributed import assign_owners, newton_schulz_cost, orthogonalize_distributed, shard_rows
@@ -114,20 +115,22 @@ def test_owners_balance_the_newton_schulz_cost():
     assert shard_rows(7, 3) == (3, 3, 1) and shard_rows(2, 3) == (1, 1, 0)
 
 
+class Payloads(TorchDispatchMode):
+    """The dtypes and the count of numbers that the all-to-alls and broadcasts issued under it send."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes, self.numel = set(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d" and func.__name__.split(".")[0] in ("alltoall_base_", "broadcast_"):
+            tensors = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
+            self.dtypes.update(str(t.dtype) for t in tensors)
+            self.numel += sum(t.numel() for t in tensors)
+        return func(*args, **(kwargs or {}))
+
+
 def _payload_worker(rank, world, port, layout, results):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class PayloadDtypes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.dtypes = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "c10d" and func.__name__.split(".")[0] in ("alltoall_base_", "broadcast_"):
-                tensors = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
-                self.dtypes.update(str(t.dtype) for t in tensors)
-            return func(*args, **(kwargs or {}))
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -141,9 +144,9 @@ def _payload_worker(rank, world, port, layout, results):
             run = lambda **kw: [o.full_tensor() for o in orthogonalize_distributed(bf16, updates, **kw)]  # noqa: E731
         else:
             run = lambda **kw: orthogonalize_distributed(bf16, whole, replicated_over=dist.group.WORLD, **kw)  # noqa: E731
-        with PayloadDtypes() as as_fp32:
+        with Payloads() as as_fp32:
             cast_after = run()
-        with PayloadDtypes() as as_bf16:
+        with Payloads() as as_bf16:
             cast_before = run(payload_dtype=torch.bfloat16)
         results[rank] = (cast_after, cast_before, as_fp32.dtypes, as_bf16.dtypes)
     finally:
@@ -200,26 +203,6 @@ def dion_problem():
     return params, [[torch.randn(*s, generator=g, dtype=torch.float64) for s in SHAPES] for _ in range(2)]
 
 
-@pytest.mark.parametrize("world,layout", [(3, "fsdp"), (4, "hsdp")])
-def test_dion_on_row_shards_gives_the_single_process_step(world, layout):
-    """Each rank on its own rows (Q gathered, M Q's QR on its owner, Mᵀ P summed): the weights, M and Q of
-    one process's two steps, in float64 to 1e-12, with uneven shards and a matrix with fewer rows than ranks."""
-    from optim import Dion
-
-    params, grads = dion_problem()
-    optimizer = Dion(params, lr=0.1, rank_fraction=0.5)
-    for g in grads:
-        for p, grad in zip(params, g):
-            p.grad = grad
-        optimizer.step()
-    state = [optimizer.state[p][key] for p in params for key in ("dion/momentum", "dion/q")]
-    results = mp.Manager().dict()
-    mp.spawn(_dion_worker, args=(world, free_port(), layout, results), nprocs=world)
-    for weights, sharded_state in dict(results).values():
-        for got, want in zip([*weights, *sharded_state], [*params, *state], strict=True):
-            assert torch.allclose(got, want.detach(), rtol=0, atol=1e-12), got.shape
-
-
 def three_steps(grads) -> list[list]:
     """dion_problem's two steps, then a third without a gradient for matrix 1 (the owners change with the shapes)."""
     return [*grads, [None if j == 1 else grad for j, grad in enumerate(grads[0])]]
@@ -232,20 +215,25 @@ def take_steps(optimizer, params, steps) -> None:
         optimizer.step()
 
 
-def _dion_ddp_worker(rank, world, port, results):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+@pytest.mark.parametrize("world,layout", [(3, "fsdp"), (4, "hsdp")])
+def test_dion_on_row_shards_gives_the_single_process_step(world, layout):
+    """Each rank on its own rows (Q gathered, M Q's QR on its owner, Mᵀ P summed): the weights, M and Q of
+    one process's two steps, in float64 to 1e-12, with uneven shards and a matrix with fewer rows than ranks."""
     from optim import Dion
 
-    class BroadcastNumbers(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.numel = 0
+    params, grads = dion_problem()
+    optimizer = Dion(params, lr=0.1, rank_fraction=0.5)
+    take_steps(optimizer, params, grads)
+    state = [optimizer.state[p][key] for p in params for key in ("dion/momentum", "dion/q")]
+    results = mp.Manager().dict()
+    mp.spawn(_dion_worker, args=(world, free_port(), layout, results), nprocs=world)
+    for weights, sharded_state in dict(results).values():
+        for got, want in zip([*weights, *sharded_state], [*params, *state], strict=True):
+            assert torch.allclose(got, want.detach(), rtol=0, atol=1e-12), got.shape
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "c10d" and func.__name__.split(".")[0] == "broadcast_":
-                self.numel += sum(t.numel() for t in args[0])
-            return func(*args, **(kwargs or {}))
+
+def _dion_ddp_worker(rank, world, port, results):
+    from optim import Dion
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -254,7 +242,7 @@ def _dion_ddp_worker(rank, world, port, results):
         optimizer = Dion(params, lr=0.1, rank_fraction=0.5)
         optimizer.split_orthogonalization()
         steps = three_steps(grads)
-        with BroadcastNumbers() as two_steps:
+        with Payloads() as two_steps:
             take_steps(optimizer, params, steps[:2])
         try:
             optimizer.state_dict()
@@ -264,7 +252,7 @@ def _dion_ddp_worker(rank, world, port, results):
         owners = assign_owners(SHAPES, world)
         kept = [[optimizer.state[p][key].clone() for key in ("dion/momentum", "dion/q")] if owners[j] == rank else None
                 for j, p in enumerate(params)]
-        with BroadcastNumbers() as third:  # a consolidation first, as the owners change
+        with Payloads() as third:  # a consolidation first, as the owners change
             take_steps(optimizer, params, steps[2:])
         optimizer.consolidate_state_dict()
         results[rank] = ([p.detach().clone() for p in params], optimizer.state_dict()["state"], kept, refusal,
